@@ -57,6 +57,11 @@ class CatalogSettings(_Section):
     files: list[Path] = []
 
 
+class LedgerSettings(_Section):
+    # SQLAlchemy async URL; None: SQLite at <data_dir>/ledger.sqlite3. PostgreSQL: postgresql+asyncpg://...
+    url: str | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEGATE_", env_nested_delimiter="__", extra="forbid")
 
@@ -65,6 +70,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     diffusers: DiffusersSettings = DiffusersSettings()
     catalog: CatalogSettings = CatalogSettings()
+    ledger: LedgerSettings = LedgerSettings()
     # [models.<id>] tables: overrides of built-in entries or new models (see catalog.ModelSpec).
     models: dict[str, dict[str, Any]] = {}
     # [providers.<name>] tables: each hosted-provider backend validates its own options (keys come

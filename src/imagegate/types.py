@@ -75,6 +75,15 @@ class Price:
 
 
 @dataclass(frozen=True)
+class PaymentTerms:
+    """The asset prices are paid in, shown beside every estimate and model price."""
+
+    asset: str | None
+    network: str | None
+    decimals: int = USD_DECIMALS
+
+
+@dataclass(frozen=True)
 class StoredImage:
     uuid: str
     url: str

@@ -1,0 +1,88 @@
+"""The payment step of the request flow, independent of any payment protocol.
+
+``PaymentGate.authorize`` runs after validation and pricing, before any work: it either raises
+``PaymentRequired`` (402), or returns a ``Payment`` that is reserved and verified (and must then be
+settled or released), or a ``Replay`` when this exact payment already bought a generation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagegate.types import PaymentReceipt, Price
+
+
+@dataclass(frozen=True)
+class PaymentContext:
+    """What the payment step may look at: the request's headers and where it was sent."""
+
+    headers: Mapping[str, str]
+    resource_url: str
+    description: str
+    # JSON schema of the request body, advertised for discovery in the 402 challenge.
+    input_schema: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The payment already bought ``generation_id`` (settled): answer with that generation again.
+
+    ``receipt`` carries the payment-response headers in the format this request asked for.
+    """
+
+    generation_id: str
+    receipt: PaymentReceipt
+
+
+class Payment(ABC):
+    """One reserved, verified payment for one request."""
+
+    key: str | None
+
+    @abstractmethod
+    async def settle(self) -> PaymentReceipt | None:
+        """Move the money; raises ``SettlementFailed``/``SettlementPending``/``PaymentUnavailable``."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give the payment back unspent (the work failed): the client may retry with it."""
+
+    async def bind(self, generation_id: str) -> None:
+        """Link the payment to the generation it pays for (before the work starts)."""
+
+
+class PaymentGate(ABC):
+    enabled: bool
+
+    @abstractmethod
+    async def authorize(self, price: Price, context: PaymentContext) -> Payment | Replay:
+        """Reserve and verify the request's payment for exactly ``price``."""
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks."""
+
+    def describe(self) -> dict[str, Any]:
+        """Public facts for the manifest (networks, asset, payTo)."""
+        return {"enabled": self.enabled}
+
+
+class _FreePayment(Payment):
+    key = None
+
+    async def settle(self) -> PaymentReceipt | None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+
+class FreeGate(PaymentGate):
+    """Payments switched off by the operator (``[payments] enabled = false``): nothing is charged."""
+
+    enabled = False
+
+    async def authorize(self, price: Price, context: PaymentContext) -> Payment | Replay:
+        return _FreePayment()
