@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from imagegate.validation import parse_json_body
 
 log = logging.getLogger(__name__)
 
-PAYMENT_HEADERS_EXPOSED = ["X-PAYMENT-RESPONSE", "PAYMENT-RESPONSE", "PAYMENT-REQUIRED"]
+PAYMENT_HEADERS_EXPOSED = ["X-PAYMENT-RESPONSE", "PAYMENT-RESPONSE", "PAYMENT-REQUIRED", "Server-Timing"]
 # Both x402 fetch wrappers send an Access-Control-Expose-Headers *request* header, so preflights ask for it.
 PAYMENT_HEADERS_ALLOWED = ["Content-Type", "X-PAYMENT", "PAYMENT-SIGNATURE", "Access-Control-Expose-Headers"]
 IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
@@ -54,17 +55,32 @@ def _error_responses(*errors: type[ImagegateError]) -> dict[int | str, dict[str,
     return {error.status: {"model": schemas.ErrorBody, "description": error.code} for error in errors}
 
 
+async def _reconcile_forever(service: ImageService, interval_s: float) -> None:
+    """Settlements whose outcome was unknown get resolved even if their client never comes back."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await service.reconcile_pending()
+        except Exception:
+            # Logged in full and retried next round: one bad round must not end reconciliation for good.
+            log.exception("reconciliation round failed")
+
+
 def create_app(service_factory: ServiceFactory, *, cors_origins: list[str], max_body_bytes: int,
-               public_base_url: str | None) -> FastAPI:
+               public_base_url: str | None, reconcile_interval_s: float = 15.0) -> FastAPI:
     """The ASGI app; ``service_factory`` builds the service at startup (and it is closed at shutdown)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = await service_factory()
+        service = await service_factory()
+        app.state.service = service
+        reconciler = asyncio.create_task(_reconcile_forever(service, reconcile_interval_s))
         try:
             yield
         finally:
-            await app.state.service.aclose()
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
+            await service.aclose()
 
     app = FastAPI(
         title="imagegate",
@@ -181,10 +197,13 @@ def create_app(service_factory: ServiceFactory, *, cors_origins: list[str], max_
             resource_url=f"{base_url_of(request)}{request.url.path}",
             description=GENERATE_DESCRIPTION,
             input_schema=schemas.input_schema(),
+            output_schema=schemas.output_schema(),
         )
         outcome = await service_of(request).generate(body, context, base_url_of(request))
         headers = dict(outcome.receipt.headers) if outcome.receipt else {}
         headers["Cache-Control"] = "no-store"
+        if outcome.timings:
+            headers["Server-Timing"] = outcome.server_timing()
         return JSONResponse(outcome.body(), headers=headers)
 
     @app.get("/images/{name}", summary="A generated image", response_class=FileResponse)
@@ -225,4 +244,5 @@ def app_from_settings(settings: Settings) -> FastAPI:
         cors_origins=settings.server.cors_allow_origins,
         max_body_bytes=settings.server.max_body_bytes,
         public_base_url=settings.server.public_base_url,
+        reconcile_interval_s=settings.payments.reconcile_interval_s,
     )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from imagegate.config import Settings
+from imagegate.config import EMBEDDED_DEFAULT_MODEL, PRODUCTION_DEFAULT_MODEL, Settings, default_model_id
 
 GuidanceMode = Literal["cfg", "embedded", "true_cfg", "none"]
 NegativePromptMode = Literal["cfg", "true_cfg", "none"]
@@ -196,4 +196,7 @@ def build_catalog(settings: Settings) -> Catalog:
             specs[model_id] = ModelSpec(id=model_id, **table)
         except ValidationError as exc:
             raise CatalogError(f"catalog entry {model_id!r} is invalid: {exc}") from exc
-    return Catalog(specs, settings.catalog.default_model)
+    default = default_model_id(settings)
+    if default == EMBEDDED_DEFAULT_MODEL and default not in specs:
+        default = PRODUCTION_DEFAULT_MODEL  # the tiny model's weights are not shipped in this install
+    return Catalog(specs, default)

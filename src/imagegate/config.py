@@ -51,10 +51,61 @@ class DiffusersSettings(_Section):
     max_queue: int = 16
 
 
+PRODUCTION_DEFAULT_MODEL = "flux-schnell"
+EMBEDDED_DEFAULT_MODEL = "imagegate-tiny"
+
+
 class CatalogSettings(_Section):
-    default_model: str = "flux-schnell"
+    # None: the embedded tiny model on the embedded dev chain, flux-schnell (the spec's default) otherwise.
+    default_model: str | None = None
     # Extra TOML files with [models.<id>] tables, applied after the built-ins and this file.
     files: list[Path] = []
+
+
+class FacilitatorSettings(_Section):
+    """Who verifies and settles payments.
+
+    builtin: this process, against ``rpc_url``, paying gas with the key from ``private_key_env`` /
+    ``private_key_file`` (the x402 SDK's facilitator). http: any facilitator speaking the standard
+    API (POST /verify, POST /settle, GET /supported) at ``url``.
+    """
+
+    kind: Literal["builtin", "http"] = "builtin"
+    url: str | None = None
+    # Extra headers sent to an http facilitator (e.g. auth); values may name env vars as "env:NAME".
+    headers: dict[str, str] = {}
+    timeout_s: float = 60.0
+    rpc_url: str | None = None
+    private_key_env: str = "IMAGEGATE_FACILITATOR_KEY"
+    private_key_file: Path | None = None
+    confirmation_timeout_s: float = 60.0
+
+
+class PaymentOptionSettings(_Section):
+    """One way to pay: a network, an asset on it and the address receiving the money."""
+
+    network: Literal["base", "base-sepolia"] = "base-sepolia"
+    pay_to: str | None = None
+    # None: the network's canonical USDC.
+    asset: str | None = None
+    # EIP-712 domain of the asset; None: the canonical USDC's ("USD Coin" on base, "USDC" on base-sepolia).
+    asset_name: str | None = None
+    asset_version: str | None = None
+
+
+class PaymentSettings(_Section):
+    enabled: bool = True
+    # devchain: run the embedded local chain (anvil, chain id 84532) with a test USDC; network: real chains.
+    mode: Literal["devchain", "network"] = "devchain"
+    options: list[PaymentOptionSettings] = [PaymentOptionSettings()]
+    facilitator: FacilitatorSettings = FacilitatorSettings()
+    # How long a signed authorization must stay valid: client delay + queue + generation + settlement.
+    max_timeout_seconds: int = Field(default=300, ge=60, le=3600)
+    # Chain RPC used to reconcile settlements whose outcome is unknown (builtin: rpc_url above).
+    reconcile_rpc_url: str | None = None
+    reconcile_interval_s: float = 15.0
+    # A request carrying a payment that another request is using waits this long for its outcome.
+    in_flight_wait_s: float = 300.0
 
 
 class LedgerSettings(_Section):
@@ -71,6 +122,7 @@ class Settings(BaseSettings):
     diffusers: DiffusersSettings = DiffusersSettings()
     catalog: CatalogSettings = CatalogSettings()
     ledger: LedgerSettings = LedgerSettings()
+    payments: PaymentSettings = PaymentSettings()
     # [models.<id>] tables: overrides of built-in entries or new models (see catalog.ModelSpec).
     models: dict[str, dict[str, Any]] = {}
     # [providers.<name>] tables: each hosted-provider backend validates its own options (keys come
@@ -78,6 +130,13 @@ class Settings(BaseSettings):
     providers: dict[str, dict[str, Any]] = {}
     # Where the config file was read from; relative paths in it resolve against its folder.
     config_file: Path | None = None
+
+
+def default_model_id(settings: Settings) -> str:
+    if settings.catalog.default_model is not None:
+        return settings.catalog.default_model
+    embedded = settings.payments.mode == "devchain"
+    return EMBEDDED_DEFAULT_MODEL if embedded else PRODUCTION_DEFAULT_MODEL
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

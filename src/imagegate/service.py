@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from imagegate import pricing
@@ -27,6 +29,19 @@ from imagegate.types import (
 from imagegate.validation import parse_image_request
 
 log = logging.getLogger(__name__)
+
+
+class StepTimer:
+    """Milliseconds spent in each step of a request (sent back as a Server-Timing header)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = (now - self._last) * 1000
+        self._last = now
 
 ESTIMATE_NOTE = (
     "Exact charge: this amount is authorised with your payment and settled only after your images "
@@ -55,6 +70,7 @@ class ImageService:
         self.terms = terms
 
     async def generate(self, body: dict[str, Any], context: PaymentContext, base_url: str) -> GenerationOutcome:
+        timings = StepTimer()
         # 1. Validate: a bad body gets its 400 before any payment step.
         request = parse_image_request(body, self.catalog, require_prompt=True)
         spec = self.catalog[request.model]
@@ -68,7 +84,9 @@ class ImageService:
         await self._require_available(spec, backend)
 
         # 4. Payment: a 402 challenge, a reserved and verified payment, or the replay of a paid one.
-        payment = await self.payments.authorize(price, context)
+        timings.lap("validate")
+        payment = await self.payments.authorize(price, replace(context, fingerprint=request.fingerprint()))
+        timings.lap("payment")
         if isinstance(payment, Replay):
             return await self.replay(payment, base_url)
         generation_id = str(uuid.uuid4())
@@ -81,6 +99,7 @@ class ImageService:
         try:
             seeds = self._seeds(request)
             result = await backend.generate(GenerationJob.from_request(spec, request, seeds))
+            timings.lap("generate")
             for index, rendered in enumerate(result.images):
                 record = {**request.parameters(), "generationId": generation_id, "imageIndex": index}
                 staged.append(await self.store.stage(rendered.image, output_format, record, rendered.seed))
@@ -90,6 +109,7 @@ class ImageService:
             await self.ledger.update_generation(generation_id, GenerationStatus.FAILED, error=repr(exc))
             raise
         images = [_image_record(image) for image in staged]
+        timings.lap("store")
 
         # 7. Settle: the client is charged only for images that exist.
         await self.ledger.update_generation(
@@ -106,6 +126,8 @@ class ImageService:
             await self.ledger.update_generation(generation_id, GenerationStatus.SETTLEMENT_FAILED, error=exc.message)
             raise
 
+        timings.lap("settle")
+
         # 8. Publish and respond.
         await self.store.publish(staged)
         await self.ledger.update_generation(
@@ -120,6 +142,7 @@ class ImageService:
             price=price,
             receipt=receipt,
             generation_id=generation_id,
+            timings=timings.laps,
         )
 
     async def replay(self, replay: Replay, base_url: str) -> GenerationOutcome:
@@ -149,6 +172,23 @@ class ImageService:
             receipt=replay.receipt,
             generation_id=generation_id,
         )
+
+    async def reconcile_pending(self) -> None:
+        """Publish or discard the images of settlements whose outcome has just become known."""
+        for outcome in await self.payments.reconcile():
+            record = await self.ledger.generation(outcome.generation_id)
+            if record is None or record.status is not GenerationStatus.SETTLEMENT_PENDING:
+                continue
+            staged = [_staged(image) for image in record.images]
+            if outcome.settled:
+                await self.store.publish(staged)
+                await self.ledger.update_generation(record.id, GenerationStatus.COMPLETED,
+                                                    receipt=_receipt_record(outcome.receipt),
+                                                    charged_amount=outcome.receipt.amount)
+            else:
+                await self.store.discard(staged)
+                await self.ledger.update_generation(record.id, GenerationStatus.SETTLEMENT_FAILED,
+                                                    error="settlement failed on chain")
 
     async def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         request = parse_image_request(body, self.catalog, require_prompt=False)

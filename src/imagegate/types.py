@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -54,6 +56,11 @@ class ImageRequest:
             "guidance": self.guidance,
             "seed": self.seed,
         }
+
+    def fingerprint(self) -> str:
+        """Identifies the request's content (a payment is bound to it)."""
+        canonical = json.dumps({**self.parameters(), "outputFormat": self.output_format}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 USD_DECIMALS = 6
@@ -113,6 +120,11 @@ class GenerationOutcome:
     price: Price
     receipt: PaymentReceipt | None
     generation_id: str
+    # Milliseconds per step of the flow (validate, payment, generate, store, settle).
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def server_timing(self) -> str:
+        return ", ".join(f"{step};dur={ms:.1f}" for step, ms in self.timings.items())
 
     def body(self) -> dict[str, Any]:
         cost: dict[str, Any] = {

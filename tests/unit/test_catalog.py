@@ -11,12 +11,21 @@ BUILTIN_IDS = {"flux-schnell", "flux-dev", "sdxl", "sdxl-turbo", "sd-turbo", "sd
 
 
 def test_builtin_entries() -> None:
-    catalog = build_catalog(load_settings())
+    catalog = build_catalog(load_settings(payments={"mode": "network"}))
     assert BUILTIN_IDS <= set(catalog)
     assert catalog.default_model == "flux-schnell"
     schnell = catalog["flux-schnell"]
     assert schnell.steps.default == 4 and schnell.guidance.mode == "true_cfg" and schnell.negative_prompt == "true_cfg"
     assert catalog["flux-dev"].guidance.mode == "embedded"
+
+
+def test_default_model_embedded_vs_production() -> None:
+    embedded = build_catalog(load_settings())
+    assert embedded.default_model in ("imagegate-tiny", "flux-schnell")
+    if "imagegate-tiny" in embedded:
+        assert embedded.default_model == "imagegate-tiny"
+    assert build_catalog(load_settings(payments={"mode": "network"})).default_model == "flux-schnell"
+    assert build_catalog(load_settings(catalog={"default_model": "sdxl"})).default_model == "sdxl"
 
 
 def test_operator_overrides_and_additions_from_a_toml_file(tmp_path: Path) -> None:

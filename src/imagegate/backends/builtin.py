@@ -14,6 +14,42 @@ def _diffusers(settings: Settings) -> Backend:
     return DiffusersBackend(settings)
 
 
+# Hosted providers (imagegate.backends.provider): imported on first use like diffusers.
+def _runware(settings: Settings) -> Backend:
+    from imagegate.backends.runware import RunwareBackend
+
+    return RunwareBackend(settings)
+
+
+def _fal(settings: Settings) -> Backend:
+    from imagegate.backends.fal import FalBackend
+
+    return FalBackend(settings)
+
+
+def _replicate(settings: Settings) -> Backend:
+    from imagegate.backends.replicate import ReplicateBackend
+
+    return ReplicateBackend(settings)
+
+
+def _together(settings: Settings) -> Backend:
+    from imagegate.backends.together import TogetherBackend
+
+    return TogetherBackend(settings)
+
+
+def _openai(settings: Settings) -> Backend:
+    from imagegate.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(settings)
+
+
 @hookimpl
 def register_backends(register: Register) -> None:
     register("diffusers", _diffusers)
+    register("runware", _runware)
+    register("fal", _fal)
+    register("replicate", _replicate)
+    register("together", _together)
+    register("openai", _openai)

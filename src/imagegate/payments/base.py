@@ -22,8 +22,11 @@ class PaymentContext:
     headers: Mapping[str, str]
     resource_url: str
     description: str
-    # JSON schema of the request body, advertised for discovery in the 402 challenge.
+    # Identifies the request's content: a payment replayed for different content is refused.
+    fingerprint: str = ""
+    # JSON schemas of the request body and the response, advertised for discovery in the 402 challenge.
     input_schema: dict[str, Any] = field(default_factory=dict)
+    output_schema: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class Replay:
     """
 
     generation_id: str
+    receipt: PaymentReceipt
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """A settlement whose outcome was unknown and is now known."""
+
+    generation_id: str
+    settled: bool
     receipt: PaymentReceipt
 
 
@@ -63,6 +75,10 @@ class PaymentGate(ABC):
 
     async def aclose(self) -> None:
         """Release connections and background tasks."""
+
+    async def reconcile(self) -> list[Reconciled]:
+        """Settle the fate of payments whose settlement outcome was unknown."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         """Public facts for the manifest (networks, asset, payTo)."""

@@ -1,0 +1,22 @@
+"""Local stand-ins for the hosted image providers, implementing their documented request and reply
+shapes, error bodies, rate limiting and job flows; served over real HTTP by
+``tests.support.server.live_server``."""
+
+from .base import FakeProvider, Recorded, color_of, png_bytes
+from .fal import FakeFal
+from .openai import FakeOpenAI
+from .replicate import FakeReplicate
+from .runware import FakeRunware
+from .together import FakeTogether
+
+__all__ = [
+    "FakeFal",
+    "FakeOpenAI",
+    "FakeProvider",
+    "FakeReplicate",
+    "FakeRunware",
+    "FakeTogether",
+    "Recorded",
+    "color_of",
+    "png_bytes",
+]
