@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -48,6 +49,7 @@ ESTIMATE_NOTE = (
     "are stored; nothing is settled when generation fails."
 )
 MAX_DRAWN_SEED = 2**32
+REPLAY_WAIT_S = 30.0
 
 
 class ImageService:
@@ -149,6 +151,11 @@ class ImageService:
         """The answer a paid generation got, for a client that lost it and sent the same payment again."""
         generation_id = replay.generation_id
         record = await self.ledger.generation(generation_id)
+        deadline = time.monotonic() + REPLAY_WAIT_S
+        # Settled but not yet published by the request that paid: it is a moment away.
+        while record is not None and record.status is GenerationStatus.SETTLING and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            record = await self.ledger.generation(generation_id)
         if record is None:
             raise InternalError(f"payment refers to unknown generation {generation_id}")
         if record.status is GenerationStatus.SETTLEMENT_PENDING:
