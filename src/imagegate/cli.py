@@ -218,6 +218,7 @@ def revenue(config: ConfigOption = None) -> None:
     settings = _settings(config)
 
     async def rows() -> list[Any]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = SqlLedger(settings.ledger.url or f"sqlite+aiosqlite:///{settings.data_dir / 'ledger.sqlite3'}")
         await ledger.start()
         try:

@@ -282,7 +282,8 @@ class SqlLedger:
             taken = await connection.execute(
                 update(payments)
                 .where(payments.c.key == record.key, payments.c.status == PaymentStatus.RELEASED)
-                .values(status=PaymentStatus.RESERVED, updated_at=now, generation_id=None, error=None)
+                .values(status=PaymentStatus.RESERVED, updated_at=now, generation_id=None, error=None,
+                        payload=_dump(record.payload), amount=record.amount)
             )
         if taken.rowcount == 1:
             return None

@@ -47,9 +47,9 @@ from tests.backends.fakes import (
     FakeRunware,
     FakeTogether,
     color_of,
+    served,
 )
-from tests.backends.fakes.replicate import VERSION
-from tests.support.server import live_server
+from tests.backends.fakes.replicate import NSFW_ERROR, VERSION
 
 KEY = "sk-live-7f3a9c1e5b2d4680-TOPSECRET"
 WRONG_KEY = "sk-wrong-0a1b2c3d4e5f-ALSOSECRET"
@@ -158,11 +158,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, FakeProvider]]:
-    servers = {name: case.fake(KEY) for name, case in CASES.items()}
     with ExitStack() as stack:
-        for fake in servers.values():
-            fake.url = stack.enter_context(live_server(fake.app()))
-        yield servers
+        yield {name: stack.enter_context(served(case.fake(KEY))) for name, case in CASES.items()}
 
 
 @pytest.fixture(autouse=True)
@@ -256,33 +253,38 @@ async def test_runware_leaves_a_drawn_zero_seed_to_runware(rig: Callable[..., Ri
     assert result.images[0].seed is not None and result.images[0].seed >= 1
 
 
-async def test_fal_queue_submit_poll_fetch(rig: Callable[..., Rig]) -> None:
+async def test_fal_queue_one_job_per_image(rig: Callable[..., Rig]) -> None:
     r = rig("fal")
     result = await r.generate(r.request(number_results=2, seed=7))
 
-    [rid] = r.fake.jobs
-    status = f"GET /queue/fal-ai/flux/requests/{rid}/status"
-    assert r.fake.api_calls == [
-        "POST /queue/fal-ai/flux/schnell",
-        status,
-        status,
-        status,
-        f"GET /queue/fal-ai/flux/requests/{rid}",
+    # fal reports one seed per request: one job per image, seeded 7 and 8.
+    submits = [call for call in r.fake.requests if call.method == "POST"]
+    assert [call.path for call in submits] == ["/queue/fal-ai/flux/schnell"] * 2
+    assert sorted((call.body for call in submits), key=lambda body: body["seed"]) == [
+        {
+            "prompt": PROMPT,
+            "image_size": {"width": 192, "height": 128},
+            "num_inference_steps": 4,
+            "num_images": 1,
+            "seed": seed,
+            "output_format": "png",
+            "enable_safety_checker": True,
+        }
+        for seed in (7, 8)
     ]
+    assert len(r.fake.jobs) == 2
+    for rid in r.fake.jobs:
+        status = f"GET /queue/fal-ai/flux/requests/{rid}/status"
+        # Each job: queued, in progress, completed, then its result.
+        assert r.fake.api_calls.count(status) == 3
+        assert r.fake.api_calls.count(f"GET /queue/fal-ai/flux/requests/{rid}") == 1
+    assert len(r.fake.requests) == 10
     assert all(call.headers["authorization"] == f"Key {KEY}" for call in r.fake.requests)
-    assert r.fake.requests[0].body == {
-        "prompt": PROMPT,
-        "image_size": {"width": 192, "height": 128},
-        "num_inference_steps": 4,
-        "num_images": 2,
-        "seed": 7,
-        "output_format": "png",
-        "enable_safety_checker": True,
-    }
-    assert r.sleeps.delays == [0.01, 0.01]  # two polls found it queued / in progress
+    assert r.sleeps.delays == [0.01] * 4  # two polls per job found it queued / in progress
     assert sizes(result) == [(192, 128)] * 2
-    # fal reports one seed per request: the first image's.
-    assert [rendered.seed for rendered in result.images] == [7, None]
+    # Each image is reported with the seed that made it.
+    assert [rendered.seed for rendered in result.images] == [7, 8]
+    assert [rendered.image.getpixel((0, 0)) for rendered in result.images] == [color_of(7), color_of(8)]
     assert result.provider_cost_micros is None
     assert all("authorization" not in download.headers for download in r.fake.downloads)
 
@@ -305,33 +307,44 @@ async def test_fal_sync_endpoint(rig: Callable[..., Rig]) -> None:
     assert [rendered.seed for rendered in result.images] == [3]
 
 
-async def test_replicate_prediction_create_and_poll(rig: Callable[..., Rig]) -> None:
+async def test_replicate_one_prediction_per_image(rig: Callable[..., Rig]) -> None:
     r = rig("replicate")
     result = await r.generate(r.request(number_results=2, seed=5))
 
-    [pid] = r.fake.predictions
-    assert r.fake.api_calls == [
-        "POST /v1/models/black-forest-labs/flux-schnell/predictions",
-        f"GET /v1/predictions/{pid}",
-        f"GET /v1/predictions/{pid}",
-    ]
-    assert r.fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
-    assert r.fake.requests[0].body == {
-        "input": {
-            "prompt": PROMPT,
-            "aspect_ratio": "1:1",
-            "megapixels": "0.25",
-            "num_outputs": 2,
-            "num_inference_steps": 4,
-            "seed": 5,
-            "output_format": "png",
-            "go_fast": False,
-            "disable_safety_checker": False,
+    # Replicate reports no seeds: one prediction per image, seeded 5 and 6.
+    assert len(r.fake.predictions) == 2
+    creates = [call for call in r.fake.requests if call.method == "POST"]
+    assert [call.path for call in creates] == ["/v1/models/black-forest-labs/flux-schnell/predictions"] * 2
+    assert all(call.headers["authorization"] == f"Bearer {KEY}" for call in r.fake.requests)
+    assert sorted((call.body for call in creates), key=lambda body: body["input"]["seed"]) == [
+        {
+            "input": {
+                "prompt": PROMPT,
+                "aspect_ratio": "1:1",
+                "megapixels": "0.25",
+                "num_outputs": 1,
+                "num_inference_steps": 4,
+                "seed": seed,
+                "output_format": "png",
+                "go_fast": False,
+                "disable_safety_checker": False,
+            }
         }
-    }
+        for seed in (5, 6)
+    ]
+    for pid in r.fake.predictions:
+        assert r.fake.api_calls.count(f"GET /v1/predictions/{pid}") == 2
     assert sizes(result) == [(512, 512)] * 2
-    assert [rendered.seed for rendered in result.images] == [5, None]
+    assert [rendered.seed for rendered in result.images] == [5, 6]
+    assert [rendered.image.getpixel((0, 0)) for rendered in result.images] == [color_of(5), color_of(6)]
     assert result.provider_cost_micros is None
+
+
+async def test_replicate_go_fast_reports_no_seeds(rig: Callable[..., Rig]) -> None:
+    r = rig("replicate")
+    result = await r.generate(r.request(number_results=2), r.spec(options={"go_fast": True}))
+    assert sorted(call.body["input"]["go_fast"] for call in r.fake.requests if call.method == "POST") == [True, True]
+    assert [rendered.seed for rendered in result.images] == [None, None]
 
 
 async def test_replicate_pinned_version(rig: Callable[..., Rig]) -> None:
@@ -342,31 +355,35 @@ async def test_replicate_pinned_version(rig: Callable[..., Rig]) -> None:
     assert r.fake.requests[0].body["input"]["megapixels"] == "0.25"
 
 
-async def test_together_fields_and_inline_images_in_index_order(rig: Callable[..., Rig]) -> None:
+async def test_together_one_request_per_image(rig: Callable[..., Rig]) -> None:
     r = rig("together")
     spec = r.spec(source="stabilityai/stable-diffusion-xl-base-1.0", guidance="cfg", negative="cfg")
     request = r.request(number_results=2, steps=30, steps_sent=True, guidance=6.0, negative_prompt="text", seed=9)
 
     result = await r.generate(request, spec)
 
-    [call] = r.fake.requests
-    assert (call.path, call.headers["authorization"]) == ("/v1/images/generations", f"Bearer {KEY}")
-    assert call.body == {
-        "model": "stabilityai/stable-diffusion-xl-base-1.0",
-        "prompt": PROMPT,
-        "width": 192,
-        "height": 128,
-        "n": 2,
-        "steps": 30,
-        "seed": 9,
-        "response_format": "base64",
-        "output_format": "png",
-        "negative_prompt": "text",
-        "guidance_scale": 6.0,
-    }
-    # The fake lists images out of order; ours follow Together's index.
+    # Together reports no seeds: one request per image, seeded 9 and 10.
+    assert [(call.path, call.headers["authorization"]) for call in r.fake.requests] == [
+        ("/v1/images/generations", f"Bearer {KEY}")
+    ] * 2
+    assert sorted((call.body for call in r.fake.requests), key=lambda body: body["seed"]) == [
+        {
+            "model": "stabilityai/stable-diffusion-xl-base-1.0",
+            "prompt": PROMPT,
+            "width": 192,
+            "height": 128,
+            "n": 1,
+            "steps": 30,
+            "seed": seed,
+            "response_format": "base64",
+            "output_format": "png",
+            "negative_prompt": "text",
+            "guidance_scale": 6.0,
+        }
+        for seed in (9, 10)
+    ]
     assert [rendered.image.getpixel((0, 0)) for rendered in result.images] == [color_of(9), color_of(10)]
-    assert [rendered.seed for rendered in result.images] == [9, None]
+    assert [rendered.seed for rendered in result.images] == [9, 10]
     assert r.fake.downloads == []
 
 
@@ -409,6 +426,93 @@ async def test_openai_dalle_asks_for_base64(rig: Callable[..., Rig]) -> None:
     }
     assert sizes(result) == [(256, 256)] * 2
     assert r.fake.downloads == []
+
+
+# --- every image's reported seed reproduces it ------------------------------------------------
+
+SEEDED = ["runware", "fal", "replicate", "together"]
+
+
+@pytest.mark.parametrize("name", SEEDED)
+async def test_every_image_is_reproduced_by_its_reported_seed(rig: Callable[..., Rig], name: str) -> None:
+    """The fakes derive a batch's later images from seeds they do not report (as real batches do), so
+    only per-image seeds (Runware's report, or one request per image elsewhere) pass this."""
+    r = rig(name)
+    batch = await r.generate(r.request(number_results=3, seed=40))
+    assert [rendered.seed for rendered in batch.images] == [40, 41, 42]
+    sent = sorted(seed for call in r.fake.requests if call.method == "POST" for seed in _seeds_sent(name, call.body))
+    assert sent == ([40] if name == "runware" else [40, 41, 42])
+    for index, rendered in enumerate(batch.images):
+        again = await r.generate(r.request(seed=rendered.seed))
+        assert again.images[0].image.tobytes() == rendered.image.tobytes(), index
+        assert rendered.image.getpixel((0, 0)) == color_of(40 + index)
+
+
+def _seeds_sent(name: str, body: Any) -> list[int]:
+    if name == "runware":
+        return [task["seed"] for task in body]
+    return [body["input"]["seed"] if name == "replicate" else body["seed"]]
+
+
+# --- an image the provider's safety checker flags is never returned ---------------------------
+
+SAFETY_CHECKED = ["runware", "fal", "replicate"]
+
+
+@pytest.mark.parametrize("name", SAFETY_CHECKED)
+async def test_a_flagged_image_fails_the_generation(
+    rig: Callable[..., Rig], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = rig(name)
+    r.fake.nsfw_seeds = {21}
+    with caplog.at_level(logging.WARNING, logger="imagegate.providers"), pytest.raises(GenerationFailed) as caught:
+        await r.generate(r.request(number_results=2, seed=20))
+    error = caught.value
+    assert (error.status, error.code) == (500, "INTERNAL_ERROR")
+    assert error.details == {"reason": "provider_safety_checker"}
+    assert "safety checker flagged a generated image" in error.message and "nothing is charged" in error.message
+    assert f"{name}: the provider's safety checker flagged the image(s) of seed(s) [21]" in caplog.text
+    # The other seed alone passes.
+    result = await r.generate(r.request(seed=20))
+    assert [rendered.seed for rendered in result.images] == [20]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("fal", {"enable_safety_checker": False}), ("replicate", {"disable_safety_checker": True})],
+)
+async def test_a_disabled_safety_checker_flags_nothing(
+    rig: Callable[..., Rig], name: str, options: dict[str, Any]
+) -> None:
+    r = rig(name)
+    r.fake.nsfw_seeds = {20}
+    result = await r.generate(r.request(seed=20), r.spec(options=options))
+    assert [rendered.seed for rendered in result.images] == [20]
+
+
+async def test_replicate_nsfw_failure_is_the_safety_error(rig: Callable[..., Rig]) -> None:
+    r = rig("replicate")
+    r.fake.prediction_error = NSFW_ERROR
+    with pytest.raises(GenerationFailed) as caught:
+        await r.generate()
+    assert caught.value.details == {"reason": "provider_safety_checker"}
+
+
+@pytest.mark.parametrize("name", ["fal", "replicate"])
+async def test_a_failed_image_cancels_the_jobs_of_the_others(rig: Callable[..., Rig], name: str) -> None:
+    # Seed 30 is flagged; seed 31's job never finishes and must not be left running (and billed).
+    r = rig(name)
+    r.fake.nsfw_seeds, r.fake.stalled_seeds = {30}, {31}
+    with pytest.raises(GenerationFailed):
+        await r.generate(r.request(number_results=2, seed=30))
+    if name == "fal":
+        [stalled] = [rid for rid, job in r.fake.jobs.items() if job.payload["seed"] == 31]
+        assert r.fake.jobs[stalled].canceled
+        assert f"PUT /queue/fal-ai/flux/requests/{stalled}/cancel" in r.fake.api_calls
+    else:
+        [stalled] = [pid for pid, p in r.fake.predictions.items() if p.input["seed"] == 31]
+        assert r.fake.predictions[stalled].status == "canceled"
+        assert f"POST /v1/predictions/{stalled}/cancel" in r.fake.api_calls
 
 
 # --- what each provider's model cannot honour is refused before payment, without any HTTP -----
@@ -720,10 +824,10 @@ async def test_fal_never_sends_the_key_to_another_host(rig: Callable[..., Rig]) 
 
 async def test_replicate_failed_prediction_is_503_with_its_reason(rig: Callable[..., Rig]) -> None:
     r = rig("replicate")
-    r.fake.prediction_error = "NSFW content detected. Try running it again, or try a different prompt."
+    r.fake.prediction_error = "CUDA error: out of memory"
     with pytest.raises(UpstreamUnavailable) as caught:
         await r.generate()
-    assert "NSFW content detected" in caught.value.message
+    assert "CUDA error: out of memory" in caught.value.message
 
 
 async def test_replicate_gives_up_on_a_stuck_prediction_and_cancels_it(rig: Callable[..., Rig]) -> None:

@@ -42,6 +42,7 @@ async def chain() -> AsyncIterator[devchain.DevChain]:
 
 
 def paid_settings(root: Path, tiny_model_paths: dict[str, Path], rpc_url: str, **facilitator: Any) -> Any:
+    root.mkdir(parents=True, exist_ok=True)
     key_file = root / "facilitator.key"
     key_file.write_text(devchain.FACILITATOR_ACCOUNT.private_key)
     return tiny_settings(root, tiny_model_paths, payments={

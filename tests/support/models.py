@@ -18,7 +18,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
 
 def tiny_catalog_overrides(paths: dict[str, Path], missing_dir: Path) -> dict[str, dict[str, Any]]:
     """Built-in ids pointed at tiny local pipelines (the real loader and catalog, tiny weights)."""
-    cpu = {"requires_cuda": False, "dtype": "float32"}
+    cpu = {"requires_cuda": False, "dtype": "float32", "memory_gb": 0.05}
     return {
         "flux-schnell": {"source": str(paths["flux"]), **cpu, "max_concurrency": 2},
         "sdxl": {"source": str(paths["sdxl"]), **cpu},

@@ -14,7 +14,7 @@ from imagegate.validation import parse_image_request, parse_json_body
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    return build_catalog(load_settings(models={"fixed": {
+    return build_catalog(load_settings(catalog={"default_model": "flux-schnell"}, models={"fixed": {
         "name": "Fixed", "backend": "diffusers", "source": "x/y", "steps": {"supported": False, "default": 4},
         "guidance": {"mode": "none"}, "negative_prompt": "none", "price": {"unit": 10}}}))
 

@@ -3,7 +3,8 @@
 Sync: ``POST https://fal.run/<endpoint>`` answers with the result. Queue: ``POST
 https://queue.fal.run/<endpoint>`` answers ``{request_id, status_url, response_url, cancel_url}``;
 ``GET status_url`` goes ``IN_QUEUE`` (with ``queue_position``) -> ``IN_PROGRESS`` -> ``COMPLETED``,
-then ``GET response_url`` is the result: ``{images: [{url, width, height, content_type}], seed, ...}``.
+then ``GET response_url`` is the result: ``{images: [{url, width, height, content_type}], seed,
+has_nsfw_concepts, ...}``.
 Auth is ``Authorization: Key <FAL_KEY>``. Reference: https://docs.fal.ai/documentation/model-apis/inference/queue
 and https://fal.ai/docs/model-api-reference/image-generation-api/flux-schnell.
 """
@@ -26,10 +27,10 @@ from imagegate.backends.provider import (
     ProviderOptions,
     Sleep,
     check_limits,
-    first_seed_only,
     gather_all,
     gave_up_waiting,
     load_provider_settings,
+    safety_flagged,
 )
 from imagegate.catalog import ModelSpec
 from imagegate.config import Settings
@@ -79,6 +80,8 @@ class _Image(BaseModel):
 class _Result(BaseModel):
     images: list[_Image]
     seed: int | None = None
+    # One flag per image when the safety checker ran (enable_safety_checker).
+    has_nsfw_concepts: list[bool] = []
 
 
 class _Submitted(BaseModel):
@@ -140,14 +143,20 @@ class FalBackend(ProviderBackend):
     async def generate(self, job: GenerationJob) -> GenerationResult:
         options = FalOptions.of(job.spec)
         key = self.api_key()
+        # fal reports one seed per request, and the other images of a batch come from seeds it derives
+        # without reporting them: so one request per image, concurrently, each seeded with its own.
+        images = await gather_all([self._one(job, options, seed, key) for seed in job.seeds])
+        # fal reports no cost.
+        return GenerationResult(images=images)
 
+    async def _one(self, job: GenerationJob, options: FalOptions, seed: int, key: ApiKey) -> RenderedImage:
         # 1. Our fields -> fal's input (image_size as an object: exactly the requested size).
         payload: dict[str, object] = {
             "prompt": job.prompt,
             "image_size": {"width": job.width, "height": job.height},
             "num_inference_steps": job.steps,
-            "num_images": len(job.seeds),
-            "seed": job.seeds[0],
+            "num_images": 1,
+            "seed": seed,
             "output_format": options.output_format,
             "enable_safety_checker": options.enable_safety_checker,
         }
@@ -165,26 +174,34 @@ class FalBackend(ProviderBackend):
         else:
             body = await self._queued(f"{self.settings.queue_base_url.rstrip('/')}/{endpoint}", payload, key)
         result = self.http.parse(_Result, body, key)
-        if len(result.images) != len(job.seeds):
-            raise self.http.unusable(f"{len(result.images)} image(s) for {len(job.seeds)} requested", key)
+        if len(result.images) != 1:
+            raise self.http.unusable(f"{len(result.images)} image(s) for 1 requested", key)
+        # fal answers a flagged image with a black one and has_nsfw_concepts: [true].
+        if any(result.has_nsfw_concepts):
+            raise safety_flagged(self.name, [seed])
 
-        # 3. Fetch each image and check it decodes at the requested size.
-        images = await gather_all([self.http.image(item.url, job.width, job.height, key) for item in result.images])
-
-        # 4. fal reports one seed per request (the first image's); fal reports no cost.
-        seeds = first_seed_only(result.seed, len(images))
-        return GenerationResult(images=[RenderedImage(image, seed) for image, seed in zip(images, seeds, strict=True)])
+        # 3. Fetch the image and check it decodes at the requested size; the seed is fal's report.
+        image = await self.http.image(result.images[0].url, job.width, job.height, key)
+        return RenderedImage(image, result.seed if result.seed is not None else seed)
 
     async def _queued(self, submit_url: str, payload: dict[str, object], key: ApiKey) -> object:
         submitted = self.http.parse(_Submitted, await self.http.call("POST", submit_url, key, json_body=payload), key)
-        for _ in range(self.settings.max_polls):
-            status = self.http.parse(_Status, await self.http.call("GET", submitted.status_url, key), key)
-            if status.status == "COMPLETED":
-                return await self.http.call("GET", submitted.response_url, key)
-            if status.status not in ("IN_QUEUE", "IN_PROGRESS"):
-                raise self.http.unusable(f"an unknown queue status {status.status[:40]!r}", key)
-            await self.http.sleep(self.settings.poll_interval_s)
-        if submitted.cancel_url:
-            # Stop paying for a result nobody will collect.
-            await self.http.best_effort("PUT", submitted.cancel_url, key)
+        try:
+            for _ in range(self.settings.max_polls):
+                status = self.http.parse(_Status, await self.http.call("GET", submitted.status_url, key), key)
+                if status.status == "COMPLETED":
+                    return await self.http.call("GET", submitted.response_url, key)
+                if status.status not in ("IN_QUEUE", "IN_PROGRESS"):
+                    raise self.http.unusable(f"an unknown queue status {status.status[:40]!r}", key)
+                await self.http.sleep(self.settings.poll_interval_s)
+        except asyncio.CancelledError:
+            # Another image of the generation failed (or the client left): nobody will collect this one.
+            await self._cancel(submitted, key)
+            raise
+        await self._cancel(submitted, key)
         raise gave_up_waiting(self.name, self.settings)
+
+    async def _cancel(self, submitted: _Submitted, key: ApiKey) -> None:
+        # Stop paying for a result nobody will collect.
+        if submitted.cancel_url:
+            await self.http.best_effort("PUT", submitted.cancel_url, key)

@@ -9,7 +9,8 @@ Failure policy (the client is never charged: payment settles only after images a
   Retry-After), then ``UpstreamUnavailable`` with ``retry_after``;
 * anything else (404 unknown model, ...)             -> ``UpstreamUnavailable`` + a warning log;
 * output we cannot use (bad JSON, wrong count, an image that does not decode or has the wrong size)
-                                                     -> ``GenerationFailed`` + an error log.
+                                                     -> ``GenerationFailed`` + an error log;
+* an image the provider's safety checker flagged     -> ``GenerationFailed`` (``safety_flagged``) + a warning.
 
 API keys live in environment variables or files, are read per request (so rotating one needs no
 restart), and are redacted from every message we log or return.
@@ -445,19 +446,35 @@ def _path(url: str) -> str:
 
 
 async def gather_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run concurrently; the first failure propagates and cancels the rest."""
+    """Run concurrently; the first failure propagates and cancels the rest, which are waited for so
+    their clean-up (cancelling a provider job nobody will collect) runs before the failure is raised."""
     tasks = [asyncio.ensure_future(coro) for coro in coros]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
-        for task in tasks:
+        pending = [task for task in tasks if not task.done()]
+        for task in pending:
             task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
-def first_seed_only(seed: int | None, count: int) -> list[int | None]:
-    """Seeds per image for providers that take and report one seed per request: it reproduces the
-    first image; the provider derives the others internally and does not report them."""
-    return [seed, *([None] * (count - 1))]
+SAFETY_MESSAGE = (
+    "the upstream image provider's safety checker flagged a generated image, so none are returned "
+    "and nothing is charged; another seed or prompt may pass"
+)
+
+
+def safety_flagged(provider: str, seeds: Sequence[int | None]) -> GenerationFailed:
+    """A generated image the provider's safety checker flagged: never returned, never charged.
+
+    Every provider that documents its checker (fal ``has_nsfw_concepts``, Runware ``NSFWContent``,
+    Replicate's FLUX models) describes it as a verdict on the generated image, not on the request:
+    the same prompt may pass with another seed. So it is a failed generation (500, the payment is
+    released), not a client error.
+    """
+    log.warning("%s: the provider's safety checker flagged the image(s) of seed(s) %s", provider, list(seeds))
+    return GenerationFailed(SAFETY_MESSAGE, details={"reason": "provider_safety_checker"})
 
 
 # --- request checks ----------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from imagegate.backends.provider import (
     ProviderOptions,
     Sleep,
     check_limits,
-    first_seed_only,
     gather_all,
     gave_up_waiting,
     load_provider_settings,
+    safety_flagged,
 )
 from imagegate.catalog import ModelSpec
 from imagegate.config import Settings
@@ -148,16 +148,23 @@ class ReplicateBackend(ProviderBackend):
     async def generate(self, job: GenerationJob) -> GenerationResult:
         options = ReplicateOptions.of(job.spec)
         key = self.api_key()
-
-        # 1. Our fields -> the FLUX input (the size through its aspect ratio and megapixels).
+        # Replicate reports no seeds, and the other outputs of a batch come from seeds the model derives:
+        # so one prediction per image, concurrently, each seeded with its own. Replicate reports no cost.
         size = options.sizes[f"{job.width}x{job.height}"]
+        images = await gather_all([self._one(job, options, size, seed, key) for seed in job.seeds])
+        return GenerationResult(images=images)
+
+    async def _one(
+        self, job: GenerationJob, options: ReplicateOptions, size: ReplicateSize, seed: int, key: ApiKey
+    ) -> RenderedImage:
+        # 1. Our fields -> the FLUX input (the size through its aspect ratio and megapixels).
         model_input: dict[str, object] = {
             "prompt": job.prompt,
             "aspect_ratio": size.aspect_ratio,
             "megapixels": size.megapixels,
-            "num_outputs": len(job.seeds),
+            "num_outputs": 1,
             "num_inference_steps": job.steps,
-            "seed": job.seeds[0],
+            "seed": seed,
             "output_format": options.output_format,
             "go_fast": options.go_fast,
             "disable_safety_checker": options.disable_safety_checker,
@@ -167,33 +174,42 @@ class ReplicateBackend(ProviderBackend):
 
         # 2. Create the prediction, then poll it until it ends.
         prediction = await self._create(job.spec.source, model_input, key)
-        for _ in range(self.settings.max_polls):
-            if prediction.status not in ("starting", "processing"):
-                break
-            await self.http.sleep(self.settings.poll_interval_s)
-            prediction = self.http.parse(_Prediction, await self.http.call("GET", self._url(prediction.id), key), key)
-        else:
-            await self.http.best_effort("POST", f"{self._url(prediction.id)}/cancel", key)
-            raise gave_up_waiting(self.name, self.settings)
+        try:
+            for _ in range(self.settings.max_polls):
+                if prediction.status not in ("starting", "processing"):
+                    break
+                await self.http.sleep(self.settings.poll_interval_s)
+                reply = await self.http.call("GET", self._url(prediction.id), key)
+                prediction = self.http.parse(_Prediction, reply, key)
+            else:
+                await self._cancel(prediction, key)
+                raise gave_up_waiting(self.name, self.settings)
+        except asyncio.CancelledError:
+            # Another image of the generation failed (or the client left): nobody will collect this one.
+            await self._cancel(prediction, key)
+            raise
         if prediction.status != "succeeded":
+            reason = key.redact(prediction.error or "no reason given")
+            # The FLUX models drop flagged outputs and fail a prediction left with none ("NSFW content
+            # detected. Try running it again, or try a different prompt.").
+            if prediction.status == "failed" and "nsfw" in reason.lower():
+                raise safety_flagged(self.name, [seed])
             raise UpstreamUnavailable(
-                f"the upstream image provider could not complete the generation "
-                f"({prediction.status}: {key.redact(prediction.error or 'no reason given')[:300]})",
+                f"the upstream image provider could not complete the generation ({prediction.status}: {reason[:300]})",
                 retry_after=self.settings.retry_after_s,
             )
         urls = [prediction.output] if isinstance(prediction.output, str) else list(prediction.output or [])
-        if len(urls) != len(job.seeds):
-            raise self.http.unusable(f"{len(urls)} image(s) for {len(job.seeds)} requested", key)
+        if len(urls) != 1:
+            raise self.http.unusable(f"{len(urls)} image(s) for 1 requested", key)
 
-        # 3. Fetch each image (Replicate deletes them within the hour) and check its size.
-        images = await gather_all([self.http.image(url, job.width, job.height, key) for url in urls])
+        # 3. Fetch the image at once (Replicate deletes outputs within the hour) and check its size. The
+        #    seed we sent reproduces it, go_fast excepted.
+        image = await self.http.image(urls[0], job.width, job.height, key)
+        return RenderedImage(image, None if options.go_fast else seed)
 
-        # 4. Replicate reports neither seeds nor cost: the seed we sent reproduces the first image
-        #    (go_fast excepted).
-        seeds: list[int | None] = (
-            [None] * len(images) if options.go_fast else first_seed_only(job.seeds[0], len(images))
-        )
-        return GenerationResult(images=[RenderedImage(image, seed) for image, seed in zip(images, seeds, strict=True)])
+    async def _cancel(self, prediction: _Prediction, key: ApiKey) -> None:
+        # Stop paying for a prediction nobody will collect.
+        await self.http.best_effort("POST", f"{self._url(prediction.id)}/cancel", key)
 
     async def _create(self, source: str, model_input: dict[str, object], key: ApiKey) -> _Prediction:
         base = self.settings.base_url.rstrip("/")

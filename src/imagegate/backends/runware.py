@@ -1,9 +1,10 @@
 """Runware: one ``imageInference`` task through the REST task API.
 
 ``POST https://api.runware.ai/v1`` with a JSON array of tasks and ``Authorization: Bearer <key>``;
-delivery is synchronous, the reply's ``data`` holds one entry per image with its URL, seed and, with
-``includeCost``, its price in USD. Errors come as ``{"errors": [{code, message, parameter, ...}]}``
-with HTTP 400/401/402 (insufficient balance)/403; 429, 503 and 504 are transient queue pressure.
+delivery is synchronous, the reply's ``data`` holds one entry per image with its URL, seed, its
+``NSFWContent`` flag when Runware's content check ran, and, with ``includeCost``, its price in USD.
+Errors come as ``{"errors": [{code, message, parameter, ...}]}`` with HTTP 400/401/402 (insufficient
+balance)/403; 429, 503 and 504 are transient queue pressure.
 Reference: https://runware.ai/docs/en/image-inference/api-reference, .../platform/errors.
 """
 
@@ -29,6 +30,7 @@ from imagegate.backends.provider import (
     gather_all,
     load_provider_settings,
     negative_prompt,
+    safety_flagged,
     usd_to_micros,
 )
 from imagegate.catalog import ModelSpec
@@ -69,6 +71,8 @@ class _Image(BaseModel):
     imageBase64Data: str | None = None
     imageDataURI: str | None = None
     seed: int | None = None
+    # Present when Runware's content check ran: true when it flagged the generated image.
+    NSFWContent: bool | None = None
     cost: Decimal | None = None
 
     @property
@@ -152,6 +156,9 @@ class RunwareBackend(ProviderBackend):
         refs = [image.ref for image in results]
         if len(results) != len(job.seeds) or any(ref is None for ref in refs):
             raise self.http.unusable(f"{len(results)} usable image(s) for {len(job.seeds)} requested", key)
+        # A flagged image is never returned (nor charged), and neither is the rest of its batch.
+        if flagged := [image.seed for image in results if image.NSFWContent]:
+            raise safety_flagged(self.name, flagged)
 
         # 3. Fetch each image and check it decodes at the requested size.
         images = await gather_all([self.http.image(ref, job.width, job.height, key) for ref in refs if ref is not None])

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
 from imagegate.backends.provider import (
+    ApiKey,
     Limits,
     ProviderBackend,
     ProviderHttp,
@@ -23,7 +24,6 @@ from imagegate.backends.provider import (
     ProviderSettings,
     Sleep,
     check_limits,
-    first_seed_only,
     gather_all,
     load_provider_settings,
     negative_prompt,
@@ -105,16 +105,21 @@ class TogetherBackend(ProviderBackend):
     async def generate(self, job: GenerationJob) -> GenerationResult:
         options = TogetherOptions.of(job.spec)
         key = self.api_key()
+        # Together reports no seeds, and the other images of a batch (n > 1) come from seeds it derives:
+        # so one request per image, concurrently, each seeded with its own. Together reports no cost.
+        images = await gather_all([self._one(job, options, seed, key) for seed in job.seeds])
+        return GenerationResult(images=images)
 
+    async def _one(self, job: GenerationJob, options: TogetherOptions, seed: int, key: ApiKey) -> RenderedImage:
         # 1. Our fields -> Together's (same names as ours but snake_case; width/height exact).
         payload: dict[str, object] = {
             "model": job.spec.source,
             "prompt": job.prompt,
             "width": job.width,
             "height": job.height,
-            "n": len(job.seeds),
+            "n": 1,
             "steps": job.steps,
-            "seed": job.seeds[0],
+            "seed": seed,
             "response_format": options.response_format,
             "output_format": options.output_format,
         }
@@ -125,17 +130,12 @@ class TogetherBackend(ProviderBackend):
         if options.disable_safety_checker is not None:
             payload["disable_safety_checker"] = options.disable_safety_checker
 
-        # 2. One call; images come inline (base64) or as URLs.
+        # 2. One call; the image comes inline (base64) or as a URL.
         url = f"{self.settings.base_url.rstrip('/')}/images/generations"
         reply = self.http.parse(_Reply, await self.http.call("POST", url, key, json_body=payload), key)
-        items = sorted(reply.data, key=lambda item: item.index)
-        refs = [item.b64_json or item.url for item in items]
-        if len(items) != len(job.seeds) or any(ref is None for ref in refs):
-            raise self.http.unusable(f"{len(items)} usable image(s) for {len(job.seeds)} requested", key)
+        refs = [item.b64_json or item.url for item in reply.data]
+        if len(refs) != 1 or refs[0] is None:
+            raise self.http.unusable(f"{len(refs)} image(s) for 1 requested", key)
 
-        # 3. Decode or fetch each image and check its size.
-        images = await gather_all([self.http.image(ref, job.width, job.height, key) for ref in refs if ref])
-
-        # 4. Together reports neither seeds nor cost: the seed we sent reproduces the first image.
-        seeds = first_seed_only(job.seeds[0], len(images))
-        return GenerationResult(images=[RenderedImage(image, seed) for image, seed in zip(images, seeds, strict=True)])
+        # 3. Decode or fetch it and check its size; the seed we sent reproduces it.
+        return RenderedImage(await self.http.image(refs[0], job.width, job.height, key), seed)

@@ -82,5 +82,12 @@ class ChainReader:
             return TransferState.FAILED, tx_hash or ""
         return TransferState.SETTLED, str(logs[-1]["transactionHash"])
 
+    async def balance_of(self, asset: str, owner: str) -> int:
+        data = "0x" + (function_signature_to_4byte_selector("balanceOf(address)")
+                       + abi_encode(["address"], [owner])).hex()
+        (balance,) = abi_decode(["uint256"], bytes.fromhex((await self._rpc("eth_call", {"to": asset, "data": data},
+                                                                            "latest"))[2:]))
+        return int(balance)
+
     async def aclose(self) -> None:
         await self._http.aclose()

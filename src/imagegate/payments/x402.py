@@ -28,9 +28,11 @@ from pydantic import ValidationError
 from x402.http import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE_HEADER
 from x402.mechanisms.evm.constants import (
     ERR_AUTHORIZATION_VALUE_MISMATCH,
+    ERR_INSUFFICIENT_BALANCE,
     ERR_NETWORK_MISMATCH,
     ERR_RECIPIENT_MISMATCH,
     ERR_SETTLEMENT_PENDING,
+    ERR_TRANSACTION_SIMULATION_FAILED,
     ERR_UNSUPPORTED_SCHEME,
     ERR_VALID_AFTER_FUTURE,
     ERR_VALID_BEFORE_EXPIRED,
@@ -242,6 +244,11 @@ class X402Gate(PaymentGate):
             if self.chain is not None and not await self.chain.reachable():
                 raise PaymentUnavailable("The chain RPC is unreachable; the payment could not be verified and "
                                          "nothing was charged. Retry later.", retry_after=RETRY_AFTER_S)
+            # Without Multicall3 on the chain the SDK cannot diagnose a failed simulation; the commonest
+            # cause is worth naming precisely, since the client can fix it by topping up.
+            if (reason == ERR_TRANSACTION_SIMULATION_FAILED and self.chain is not None
+                    and await self.chain.balance_of(option.asset, authorization.sender) < price.amount):
+                reason = ERR_INSUFFICIENT_BALANCE
             detail = f": {verdict.invalid_message}" if verdict.invalid_message else ""
             raise self.challenge(price, context, reason, f"Payment rejected ({reason}){detail}.")
         return X402Payment(self, record, payload, requirements, option, header_version)

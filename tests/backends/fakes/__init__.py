@@ -2,7 +2,7 @@
 shapes, error bodies, rate limiting and job flows; served over real HTTP by
 ``tests.support.server.live_server``."""
 
-from .base import FakeProvider, Recorded, color_of, png_bytes
+from .base import FakeProvider, Recorded, batch_seed, color_of, png_bytes, served
 from .fal import FakeFal
 from .openai import FakeOpenAI
 from .replicate import FakeReplicate
@@ -17,6 +17,8 @@ __all__ = [
     "FakeRunware",
     "FakeTogether",
     "Recorded",
+    "batch_seed",
     "color_of",
     "png_bytes",
+    "served",
 ]

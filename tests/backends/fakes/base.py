@@ -13,9 +13,10 @@ import io
 import json
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from starlette.applications import Starlette
@@ -23,7 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tests.support.server import live_server
+
 Handler = Callable[[Request, Any], Awaitable[Response]]
+F = TypeVar("F", bound="FakeProvider")
 
 
 @dataclass
@@ -50,14 +54,23 @@ class Invalid(Exception):
         self.message = message
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed a provider that reports one seed per request uses, internally, for image ``index`` of a
+    batch: the request's own for the first, derived ones (never ``seed + index``) for the others, as a
+    real batch draws them from one generator. So a backend that batches cannot claim per-image seeds."""
+    return seed if index == 0 else (seed * 2_654_435_761 + index * 40_503) % 2**32
+
+
 def color_of(seed: int) -> tuple[int, int, int]:
     """The flat colour of a fake image, so tests can tell which seed made it."""
     return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
 
 
-def png_bytes(width: int, height: int, seed: int, fmt: str = "png") -> bytes:
+def png_bytes(width: int, height: int, seed: int | None, fmt: str = "png") -> bytes:
+    """A flat image of ``color_of(seed)``; black for ``None`` (what a safety checker substitutes)."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color_of(seed)).save(buffer, format={"jpg": "jpeg"}.get(fmt, fmt).upper())
+    color = color_of(seed) if seed is not None else (0, 0, 0)
+    Image.new("RGB", (width, height), color).save(buffer, format={"jpg": "jpeg"}.get(fmt, fmt).upper())
     return buffer.getvalue()
 
 
@@ -80,6 +93,10 @@ class FakeProvider:
         self.corrupt_images = False
         # Answer image downloads as an expired signed URL would.
         self.expired_images = False
+        # Images made with these seeds are flagged by the provider's safety checker, where it has one.
+        self.nsfw_seeds: set[int] = set()
+        # Jobs (fal queue, Replicate predictions) whose request carries one of these seeds never finish.
+        self.stalled_seeds: set[int] = set()
         self.files: dict[str, tuple[bytes, str]] = {}
 
     # --- to be provided per provider -------------------------------------------------------
@@ -132,8 +149,11 @@ class FakeProvider:
 
     def host_image(self, request: Request, width: int, height: int, seed: int, fmt: str = "png") -> str:
         """Generate an image, keep it, and return its absolute URL on this server."""
+        return self.host_bytes(request, self.image_bytes(width, height, seed, fmt), fmt)
+
+    def host_bytes(self, request: Request, data: bytes, fmt: str = "png") -> str:
         name = f"{uuid.uuid4().hex}.{fmt}"
-        self.files[name] = (self.image_bytes(width, height, seed, fmt), f"image/{fmt}")
+        self.files[name] = (data, f"image/{fmt}")
         return f"{str(request.base_url).rstrip('/')}/files/{name}"
 
     def image_bytes(self, width: int, height: int, seed: int, fmt: str = "png") -> bytes:
@@ -153,6 +173,17 @@ class FakeProvider:
         if found is None:
             return Response(status_code=404)
         return Response(found[0], media_type=found[1])
+
+
+@contextmanager
+def served(fake: F) -> Iterator[F]:
+    """Serve ``fake`` on 127.0.0.1 (a free port) until the block ends, with ``fake.url`` set."""
+    with live_server(fake.app()) as url:
+        fake.url = url
+        try:
+            yield fake
+        finally:
+            fake.url = ""
 
 
 # --- small validators shared by the fakes -----------------------------------------------------

@@ -4,10 +4,10 @@ queued (``/queue/<endpoint>``, standing for https://queue.fal.run).
 Documented shapes (https://fal.ai/docs/model-api-reference/image-generation-api/flux-schnell,
 https://docs.fal.ai/documentation/model-apis/inference/queue): the schnell input fields and ranges;
 the result ``{images: [{url, width, height, content_type}], seed, timings, has_nsfw_concepts,
-prompt}``; queue submit -> ``{request_id, status_url, response_url, cancel_url}``, status
-``IN_QUEUE`` (queue_position) -> ``IN_PROGRESS`` -> ``COMPLETED``, then the result at
-response_url; ``PUT cancel_url``. Errors are ``{"detail": ...}``, FastAPI-style lists for
-validation (422). Auth: ``Authorization: Key <key>``.
+prompt}`` (a flagged image is served black, its has_nsfw_concepts entry true); queue submit ->
+``{request_id, status_url, response_url, cancel_url}``, status ``IN_QUEUE`` (queue_position) ->
+``IN_PROGRESS`` -> ``COMPLETED``, then the result at response_url; ``PUT cancel_url``. Errors are
+``{"detail": ...}``, FastAPI-style lists for validation (422). Auth: ``Authorization: Key <key>``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from starlette.routing import BaseRoute, Route
 from .base import (
     FakeProvider,
     Invalid,
+    batch_seed,
     only_fields,
+    png_bytes,
     require_bool,
     require_choice,
     require_int,
@@ -109,11 +111,14 @@ class FakeFal(FakeProvider):
         job.polls += 1
         if job.canceled:
             return JSONResponse({"status": "COMPLETED", "error": "Request was cancelled"})
-        if self.never_completes or job.polls <= self.polls_before_done:
+        if self._stalled(job) or job.polls <= self.polls_before_done:
             if job.polls == 1:
                 return JSONResponse({"status": "IN_QUEUE", "queue_position": 0})
             return JSONResponse({"status": "IN_PROGRESS", "logs": []})
         return JSONResponse({"status": "COMPLETED", "metrics": {"inference_time": 0.42}})
+
+    def _stalled(self, job: _Job) -> bool:
+        return self.never_completes or (isinstance(job.payload, dict) and job.payload.get("seed") in self.stalled_seeds)
 
     async def _cancel(self, request: Request, body: Any) -> Response:
         job = self.jobs.get(request.path_params["rid"])
@@ -126,7 +131,7 @@ class FakeFal(FakeProvider):
         job = self.jobs.get(request.path_params["rid"])
         if job is None:
             return JSONResponse({"detail": "Request not found"}, status_code=404)
-        if self.never_completes or job.polls <= self.polls_before_done:
+        if self._stalled(job) or job.polls <= self.polls_before_done:
             return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
         # The queue accepts any JSON; the endpoint's validation error surfaces with the result.
         return self._generate(request, job.endpoint, job.payload)
@@ -144,18 +149,19 @@ class FakeFal(FakeProvider):
             detail = [{"loc": ["body", exc.parameter], "msg": exc.message, "type": "value_error"}]
             return JSONResponse({"detail": detail}, status_code=422)
         fmt = payload.get("output_format", "jpeg")
-        images = [
-            {
-                "url": self.host_image(request, width, height, seed + index, fmt),
-                "width": width,
-                "height": height,
-                "content_type": f"image/{fmt}",
-            }
-            for index in range(count)
-        ]
+        checked = payload.get("enable_safety_checker", True)
+        images, flags = [], []
+        # Only the request's seed is reported; the batch's other images come from seeds fal keeps to itself.
+        for image_seed in (batch_seed(seed, index) for index in range(count)):
+            flagged = checked and image_seed in self.nsfw_seeds
+            # A flagged image is replaced by a black one.
+            data = png_bytes(width, height, None, fmt) if flagged else self.image_bytes(width, height, image_seed, fmt)
+            url = self.host_bytes(request, data, fmt)
+            images.append({"url": url, "width": width, "height": height, "content_type": f"image/{fmt}"})
+            flags.append(flagged)
         return JSONResponse({
             "images": images, "seed": seed, "timings": {"inference": 0.42},
-            "has_nsfw_concepts": [False] * count, "prompt": payload["prompt"],
+            "has_nsfw_concepts": flags, "prompt": payload["prompt"],
         })  # fmt: skip
 
     def _validate(self, payload: dict[str, Any]) -> tuple[int, int, int, int]:

@@ -20,7 +20,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .base import FakeProvider, Invalid, only_fields, require_bool, require_choice, require_int, require_str
+from .base import (
+    FakeProvider,
+    Invalid,
+    batch_seed,
+    only_fields,
+    require_bool,
+    require_choice,
+    require_int,
+    require_str,
+)
 
 ASPECT_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 INPUT_FIELDS = {
@@ -28,6 +37,7 @@ INPUT_FIELDS = {
     "output_quality", "disable_safety_checker", "go_fast", "megapixels",
 }  # fmt: skip
 MODEL = "black-forest-labs/flux-schnell"
+NSFW_ERROR = "All generated images contained NSFW content. Try running it again with a different prompt."
 VERSION = "c846a69991daf4c0e5d016514849d14ee5b2e6846ce6b9d6f21369e564cfe51e"
 
 
@@ -107,7 +117,8 @@ class FakeReplicate(FakeProvider):
         prediction = self.predictions.get(request.path_params["pid"])
         if prediction is None:
             return JSONResponse(self.error_body(404, "Prediction not found", "Not found"), 404)
-        if prediction.status in ("starting", "processing") and not self.never_completes:
+        stalled = self.never_completes or prediction.input.get("seed") in self.stalled_seeds
+        if prediction.status in ("starting", "processing") and not stalled:
             prediction.polls += 1
             if prediction.polls >= self.polls_before_done:
                 self._finish(request, prediction)
@@ -131,9 +142,16 @@ class FakeReplicate(FakeProvider):
         fmt = {"jpg": "jpeg"}.get(data.get("output_format", "webp"), data.get("output_format", "webp"))
         seed = data.get("seed", random.randint(0, 2**32))
         prediction.logs.append(f"Using seed: {seed}")
-        prediction.output = [
-            self.host_image(request, width, height, seed + index, fmt) for index in range(data.get("num_outputs", 1))
-        ]
+        # The batch's other outputs come from seeds the model derives and does not report.
+        seeds = [batch_seed(seed, index) for index in range(data.get("num_outputs", 1))]
+        # As the FLUX models do: flagged outputs are dropped; a prediction left with none fails.
+        if not data.get("disable_safety_checker", False):
+            seeds = [image_seed for image_seed in seeds if image_seed not in self.nsfw_seeds]
+            if not seeds:
+                prediction.status = "failed"
+                prediction.error = NSFW_ERROR
+                return
+        prediction.output = [self.host_image(request, width, height, image_seed, fmt) for image_seed in seeds]
         prediction.status = "succeeded"
 
     def _view(self, request: Request, prediction: _Prediction) -> dict[str, Any]:

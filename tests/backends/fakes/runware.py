@@ -111,7 +111,7 @@ class FakeRunware(FakeProvider):
                 "taskUUID": task["taskUUID"],
                 "imageUUID": str(uuid.uuid4()),
                 "seed": image_seed,
-                "NSFWContent": False,
+                "NSFWContent": image_seed in self.nsfw_seeds,
             }
             if output_type == "URL":
                 result["imageURL"] = self.host_image(request, width, height, image_seed, fmt)

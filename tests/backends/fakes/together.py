@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from .base import (
     FakeProvider,
     Invalid,
+    batch_seed,
     only_fields,
     require_bool,
     require_choice,
@@ -75,18 +76,12 @@ class FakeTogether(FakeProvider):
         fmt = body.get("output_format", "jpeg")
         data = []
         for index in range(count):
+            # The batch's other images come from seeds Together derives and does not report.
+            image_seed = batch_seed(seed, index)
             if body.get("response_format", "url") == "base64":
-                item = {
-                    "index": index,
-                    "b64_json": self.image_b64(width, height, seed + index, fmt),
-                    "type": "b64_json",
-                }
+                item = {"index": index, "b64_json": self.image_b64(width, height, image_seed, fmt), "type": "b64_json"}
             else:
-                item = {
-                    "index": index,
-                    "url": self.host_image(request, width, height, seed + index, fmt),
-                    "type": "url",
-                }
+                item = {"index": index, "url": self.host_image(request, width, height, image_seed, fmt), "type": "url"}
             data.append(item)
         # Out of order on purpose: the backend must sort by index.
         data.reverse()
