@@ -42,8 +42,9 @@ def imagegate_app() -> FastAPI:
         data_dir=root,
         storage={"directory": str(root / "images")},
         diffusers={"cpu_threads": int(os.environ.get("BENCH_THREADS", "1")), "allow_downloads": False},
+        catalog={"default_model": "flux-schnell"},
         models={"flux-schnell": {"source": os.environ["BENCH_TINY_FLUX"], "requires_cuda": False,
-                                 "dtype": "float32"}},
+                                 "dtype": "float32", "memory_gb": 0.05}},
         payments=payments,
     )
     return _with_hello(app_from_settings(settings))

@@ -97,6 +97,20 @@ async def throughput(url: str, method: str, *, json: Any = None, headers: dict[s
         return Throughput(count, time.perf_counter() - start, statuses)
 
 
+async def interleaved_throughput(targets: dict[str, tuple[str, str, Any]], *, rounds: int = 5,
+                                 duration_s: float = 1.5) -> dict[str, float]:
+    """Median requests/s per target over ``rounds`` short rounds taken in turn.
+
+    Interleaving keeps ratios honest on a shared machine: background load hits every target alike.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (method, url, body) in targets.items():
+            result = await throughput(url, method, json=body, duration_s=duration_s, warmup_s=0.3)
+            samples[name].append(result.per_second)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))

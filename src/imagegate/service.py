@@ -283,7 +283,8 @@ class ImageService:
 
     @staticmethod
     def _seeds(request: ImageRequest) -> tuple[int, ...]:
-        # Image i gets seed + i, so every image of a batch can be reproduced on its own.
+        # Image i gets seed + i: the same request reproduces every image bit for bit, and a model with
+        # options.batch_images = false also reproduces each image bit for bit when re-run alone.
         base = request.seed if request.seed is not None else secrets.randbelow(MAX_DRAWN_SEED)
         return tuple(base + index for index in range(request.number_results))
 

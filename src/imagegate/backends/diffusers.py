@@ -10,7 +10,8 @@ A generation goes through the numbered steps of ``DiffusersBackend.generate``:
    evicting least recently used idle pipelines to stay within the memory budget.
 4. Map the request onto the pipeline's ``__call__`` parameters, by the catalog's guidance and
    negative-prompt modes.
-5. Render in a worker thread, one batched call for all images, one CPU generator per image.
+5. Render in a worker thread: one batched call for all images (or one call per image, with
+   ``options.batch_images = false``), one CPU generator per image.
 6. Return the images in seed order.
 
 Reproducibility: image i's initial noise comes only from ``seeds[i]`` (its own generator). The same
@@ -200,7 +201,8 @@ class DiffusersBackend(Backend):
         try:
             self._options(spec)
         except ValidationError as exc:
-            return Availability(False, f"invalid diffusers options in the catalog entry: {exc}")
+            problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+            return Availability(False, f"invalid diffusers options in the catalog entry ({problems})")
         device_problem = self._device_problem(spec)
         if device_problem is not None:
             return Availability(False, device_problem)
@@ -502,7 +504,8 @@ class DiffusersBackend(Backend):
         """For benchmarks: the loaded pipeline and the exact keyword arguments ``generate`` would pass.
 
         Each call's generators are fresh and are used up by one call; ask again for another run.
-        The pipeline is not pinned: do not call this while the backend serves other models.
+        Call the pipeline while the backend is idle: it is the backend's own instance (its scheduler
+        is shared with the backend's runs), and it is not pinned against eviction.
         """
         static = self._static_availability(job.spec)
         if not static.available:
