@@ -359,3 +359,48 @@ async def test_http_facilitator_server(facilitator_url: str, chain: devchain.Dev
         assert paid.status == 200, paid.body
         assert paid.payment_response is not None and paid.payment_response["success"] is True
         assert await chain.balance_of(PAYER.address) == before - amount
+
+
+def slow_settle_proxy(upstream: str, delay_s: float) -> Any:
+    """A facilitator front that settles for real but answers /settle too late (a lost response)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def forward(request: Request) -> Response:
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+            upstream_response = await client.request(request.method, f"{upstream}{request.url.path}",
+                                                     content=await request.body(),
+                                                     headers={"content-type": "application/json"})
+        if request.url.path == "/settle":
+            await asyncio.sleep(delay_s)
+        return Response(upstream_response.content, status_code=upstream_response.status_code,
+                        media_type="application/json")
+
+    return Starlette(routes=[Route(path, forward, methods=["GET", "POST"])
+                             for path in ("/verify", "/settle", "/supported")])
+
+
+async def test_unknown_settlement_outcome_is_reconciled_not_charged_twice(
+        facilitator_url: str, chain: devchain.DevChain, tmp_path: Path, tiny_model_paths: dict[str, Path]) -> None:
+    with live_server(slow_settle_proxy(facilitator_url, delay_s=4)) as proxy_url:
+        settings = paid_settings(tmp_path, tiny_model_paths, chain.rpc_url, kind="http", url=proxy_url, timeout_s=2)
+        with live_server(app_from_settings(settings)) as base_url:
+            async with httpx.AsyncClient(base_url=base_url, timeout=120, trust_env=False) as client:
+                amount = await estimate_amount(client, SMALL)
+                terms = Terms(amount)
+                headers = v1_header(terms, sign(terms))
+                before = await chain.balance_of(PAYER.address)
+                pending = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+                assert pending.status_code == 202, pending.text
+                assert pending.json()["error"] == "SETTLEMENT_PENDING" and pending.headers["retry-after"]
+                # The transfer did land (the facilitator settled; only its answer was lost).
+                await asyncio.sleep(1)
+                assert await chain.balance_of(PAYER.address) == before - amount
+                resent = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+                assert resent.status_code == 200, resent.text
+                receipt = decode_header(resent.headers["X-PAYMENT-RESPONSE"])
+                assert receipt["success"] is True and receipt["transaction"].startswith("0x")
+                assert (await client.get(resent.json()["images"][0]["url"])).status_code == 200
+                assert await chain.balance_of(PAYER.address) == before - amount
