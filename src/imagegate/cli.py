@@ -27,7 +27,8 @@ cli = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# Soft wrap: transaction hashes and URLs must stay copyable on one line.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 ConfigOption = Annotated[

@@ -404,3 +404,23 @@ async def test_unknown_settlement_outcome_is_reconciled_not_charged_twice(
                 assert receipt["success"] is True and receipt["transaction"].startswith("0x")
                 assert (await client.get(resent.json()["images"][0]["url"])).status_code == 200
                 assert await chain.balance_of(PAYER.address) == before - amount
+
+
+async def test_generate_command_shows_the_price_caps_it_and_pays(api: str, chain: devchain.DevChain,
+                                                                tmp_path: Path) -> None:
+    key_file = tmp_path / "payer.key"
+    key_file.write_text(PAYER.private_key)
+    command = [sys.executable, "-m", "imagegate", "generate", "a small red circle", "--url", api, "--width", "128",
+               "--height", "128", "-n", "2", "--seed", "9", "--key-file", str(key_file), "--out", str(tmp_path / "out")]
+    before = await chain.balance_of(PAYER.address)
+    refused = await asyncio.to_thread(subprocess.run, [*command, "--max-usd", "0.0001"], capture_output=True,
+                                      text=True, timeout=120)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "Price: $0.000218" in refused.stdout and "Refusing to pay" in refused.stdout
+    assert await chain.balance_of(PAYER.address) == before
+    paid = await asyncio.to_thread(subprocess.run, [*command, "--max-usd", "0.01"], capture_output=True, text=True,
+                                   timeout=300)
+    assert paid.returncode == 0, paid.stdout + paid.stderr
+    assert "success=True" in paid.stdout and "transaction 0x" in paid.stdout
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert await chain.balance_of(PAYER.address) == before - 218
