@@ -48,7 +48,8 @@ def test_models_list(http: httpx.Client) -> None:
     assert {"flux-schnell", "flux-dev", "sdxl", "sdxl-turbo", "sd-turbo", "sd-1.5"} <= set(models)
     schnell = models["flux-schnell"]
     assert schnell["default"] and listing["defaultModel"] == "flux-schnell"
-    assert (schnell["supportsSteps"], schnell["defaultSteps"], schnell["minSteps"], schnell["maxSteps"]) == (True, 4, 1, 50)
+    steps = (schnell["supportsSteps"], schnell["defaultSteps"], schnell["minSteps"], schnell["maxSteps"])
+    assert steps == (True, 4, 1, 50)
     assert schnell["supportsGuidance"] and schnell["supportsNegativePrompt"] and "true classifier-free" in schnell[
         "parameterNotes"]
     assert (schnell["defaultWidth"], schnell["defaultHeight"]) == (1024, 1024)

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,9 @@ async def test_mismatched_terms(http: httpx.AsyncClient, chain: devchain.DevChai
     await expect_402(http, v1_header(wrong_pay_to, sign(wrong_pay_to)), "invalid_exact_evm_payload_recipient_mismatch")
     await expect_402(http, v2_header(wrong_pay_to, sign(wrong_pay_to)), "invalid_exact_evm_payload_recipient_mismatch")
     too_little = Terms(amount - 1)
-    await expect_402(http, v1_header(too_little, sign(too_little)), "invalid_exact_evm_payload_authorization_value_mismatch")
-    await expect_402(http, v2_header(too_little, sign(too_little)), "invalid_exact_evm_payload_authorization_value_mismatch")
+    value_mismatch = "invalid_exact_evm_payload_authorization_value_mismatch"
+    await expect_402(http, v1_header(too_little, sign(too_little)), value_mismatch)
+    await expect_402(http, v2_header(too_little, sign(too_little)), value_mismatch)
     wrong_network = Terms(amount, network_v1="base", network_v2="eip155:8453")
     await expect_402(http, v1_header(wrong_network, sign(wrong_network)), "network_mismatch")
     wrong_asset = Terms(amount, asset="0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")
@@ -229,9 +231,9 @@ async def test_mismatched_terms(http: httpx.AsyncClient, chain: devchain.DevChai
 async def test_time_window(http: httpx.AsyncClient, chain: devchain.DevChain) -> None:
     amount = await estimate_amount(http, SMALL)
     before, from_block = await chain.balance_of(PAYER.address), await chain.block_number() + 1
-    expired = Terms(amount, valid_before=int(__import__("time").time()) - 1)
+    expired = Terms(amount, valid_before=int(time.time()) - 1)
     await expect_402(http, v1_header(expired, sign(expired)), "invalid_exact_evm_payload_authorization_valid_before")
-    future = Terms(amount, valid_after=int(__import__("time").time()) + 3600)
+    future = Terms(amount, valid_after=int(time.time()) + 3600)
     await expect_402(http, v1_header(future, sign(future)), "invalid_exact_evm_payload_authorization_valid_after")
     await assert_no_money_moved(chain, before, from_block)
 
@@ -336,10 +338,11 @@ def facilitator_url(chain: devchain.DevChain) -> Iterator[str]:
             try:
                 if httpx.get(f"{url}/healthz", timeout=1, trust_env=False).status_code == 200:
                     break
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if process.poll() is not None:
-                    raise RuntimeError(process.stderr.read().decode() if process.stderr else "facilitator died")
-            __import__("time").sleep(0.1)
+                    message = process.stderr.read().decode() if process.stderr else "facilitator died"
+                    raise RuntimeError(message) from exc
+            time.sleep(0.1)
         yield url
     finally:
         process.terminate()
@@ -348,7 +351,8 @@ def facilitator_url(chain: devchain.DevChain) -> Iterator[str]:
 
 async def test_http_facilitator_server(facilitator_url: str, chain: devchain.DevChain, tmp_path: Path,
                                        tiny_model_paths: dict[str, Path]) -> None:
-    supported = httpx.get(f"{facilitator_url}/supported", trust_env=False).json()
+    async with httpx.AsyncClient(trust_env=False) as client:
+        supported = (await client.get(f"{facilitator_url}/supported")).json()
     assert any(kind["network"] == "eip155:84532" for kind in supported["kinds"])
     settings = paid_settings(tmp_path, tiny_model_paths, chain.rpc_url, kind="http", url=facilitator_url)
     with live_server(app_from_settings(settings)) as base_url:

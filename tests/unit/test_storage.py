@@ -40,7 +40,8 @@ async def test_discard_removes_everything(tmp_path: Path) -> None:
 
 async def test_formats(tmp_path: Path) -> None:
     store = LocalImageStore(tmp_path, quality=80)
-    for output_format, pil_name in ((OutputFormat.PNG, "PNG"), (OutputFormat.WEBP, "WEBP"), (OutputFormat.JPEG, "JPEG")):
+    formats = ((OutputFormat.PNG, "PNG"), (OutputFormat.WEBP, "WEBP"), (OutputFormat.JPEG, "JPEG"))
+    for output_format, pil_name in formats:
         staged = await store.stage(_image("blue"), output_format, {}, seed=1)
         await store.publish([staged])
         image_file = await store.open(staged.uuid)
