@@ -102,7 +102,7 @@ class BuiltinFacilitator:
         signer = FacilitatorWeb3Signer(
             private_key=private_key, rpc_url=rpc_url, confirmation_timeout_seconds=confirmation_timeout_s
         )
-        self.address: str = signer.address if hasattr(signer, "address") else ""
+        self.address: str = signer.address
         self._facilitator = x402FacilitatorSync()
         register_exact_evm_facilitator(self._facilitator, signer, networks=networks)
         # The signer keeps a local nonce counter: transactions from one key go out one at a time.

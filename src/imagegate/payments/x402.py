@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from x402.http import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE_HEADER
+from x402.mechanisms.evm import ExactEIP3009Payload
 from x402.mechanisms.evm.constants import (
     ERR_AUTHORIZATION_VALUE_MISMATCH,
     ERR_INSUFFICIENT_BALANCE,
@@ -69,6 +70,9 @@ REASON_OTHER_REQUEST = "payment_used_for_another_request"
 MIN_VALIDITY_LEFT_S = 30
 RETRY_AFTER_S = 10
 _HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_HEX = re.compile(r"^0x[0-9a-fA-F]+$")
+# At most 78 digits: uint256 (x402-fetch's own schema caps values at 18 digits).
+_UINT = re.compile(r"^[0-9]{1,78}$")
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
@@ -97,18 +101,20 @@ class Authorization:
 
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> Authorization:
-        raw = payload.get("authorization")
-        if not isinstance(raw, dict) or not isinstance(payload.get("signature"), str):
-            raise ValueError("payload needs an EIP-3009 authorization and a signature")
-        fields = {name: raw.get(name) for name in ("from", "to", "value", "validAfter", "validBefore", "nonce")}
-        if not all(isinstance(value, str | int) for value in fields.values()):
-            raise ValueError("authorization needs from, to, value, validAfter, validBefore and nonce")
-        sender, to, nonce = str(fields["from"]), str(fields["to"]), str(fields["nonce"])
-        if not (_ADDRESS.match(sender) and _ADDRESS.match(to)):
+        """The SDK's reading of the payload, checked for shape (the SDK type does not validate)."""
+        parsed = ExactEIP3009Payload.from_dict(payload)
+        if not isinstance(parsed.signature, str) or not _HEX.match(parsed.signature):
+            raise ValueError("payload needs a hex signature")
+        raw = parsed.authorization
+        if not (_ADDRESS.match(str(raw.from_address)) and _ADDRESS.match(str(raw.to))):
             raise ValueError("authorization from/to must be 20-byte hex addresses")
-        if not _HEX32.match(nonce):
+        if not _HEX32.match(str(raw.nonce)):
             raise ValueError("authorization nonce must be 32 bytes of hex")
-        return cls(sender, to, int(fields["value"]), int(fields["validAfter"]), int(fields["validBefore"]), nonce)  # type: ignore[arg-type]
+        numbers = (str(raw.value), str(raw.valid_after), str(raw.valid_before))
+        if not all(_UINT.match(number) for number in numbers):
+            raise ValueError("authorization value, validAfter and validBefore must be non-negative integers")
+        value, valid_after, valid_before = (int(number) for number in numbers)
+        return cls(str(raw.from_address), str(raw.to), value, valid_after, valid_before, str(raw.nonce))
 
 
 def _b64json(value: dict[str, Any]) -> str:
