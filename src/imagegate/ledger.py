@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -137,6 +137,51 @@ class ModelRevenue:
     @property
     def margin_micros(self) -> int:
         return self.revenue_micros - self.provider_cost_micros
+
+
+class Ledger(Protocol):
+    """What the request flow and the payment gate need from durable storage."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def start_generation(
+        self, generation_id: str, model: str, request: dict[str, Any], price_amount: int, payment_key: str | None
+    ) -> None: ...
+
+    async def update_generation(
+        self,
+        generation_id: str,
+        status: GenerationStatus,
+        *,
+        images: list[dict[str, Any]] | None = None,
+        receipt: dict[str, Any] | None = None,
+        charged_amount: int | None = None,
+        provider_cost_micros: int | None = None,
+        error: str | None = None,
+    ) -> None: ...
+
+    async def generation(self, generation_id: str) -> GenerationRecord | None: ...
+
+    async def revenue_by_model(self) -> list[ModelRevenue]: ...
+
+    async def reserve_payment(self, record: PaymentRecord) -> PaymentRecord | None: ...
+
+    async def update_payment(
+        self,
+        key: str,
+        status: PaymentStatus,
+        *,
+        generation_id: str | None = None,
+        transaction: str | None = None,
+        error: str | None = None,
+        expected: Sequence[PaymentStatus] | None = None,
+    ) -> bool: ...
+
+    async def payment(self, key: str) -> PaymentRecord | None: ...
+
+    async def payments_with_status(self, status: PaymentStatus) -> list[PaymentRecord]: ...
 
 
 def _now() -> datetime:

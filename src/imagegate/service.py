@@ -15,7 +15,7 @@ from imagegate.backends import Backends
 from imagegate.backends.base import Availability, Backend, GenerationJob
 from imagegate.catalog import Catalog, ModelSpec
 from imagegate.errors import InternalError, ModelUnavailable, SettlementFailed, SettlementPending
-from imagegate.ledger import GenerationStatus, SqlLedger
+from imagegate.ledger import GenerationStatus, Ledger
 from imagegate.payments.base import PaymentContext, PaymentGate, Replay
 from imagegate.storage import ImageStore, StagedImage
 from imagegate.types import (
@@ -58,7 +58,7 @@ class ImageService:
         catalog: Catalog,
         backends: Backends,
         store: ImageStore,
-        ledger: SqlLedger,
+        ledger: Ledger,
         payments: PaymentGate,
         output_format: OutputFormat,
         terms: PaymentTerms,

@@ -12,7 +12,7 @@ from x402.mechanisms.evm.default_assets import get_default_asset
 
 from imagegate import devchain
 from imagegate.config import PaymentOptionSettings, Settings
-from imagegate.ledger import SqlLedger
+from imagegate.ledger import Ledger
 from imagegate.payments.base import FreeGate, PaymentGate
 from imagegate.payments.chain import ChainReader
 from imagegate.payments.facilitators import BuiltinFacilitator, Facilitator, HttpFacilitator, read_private_key
@@ -79,7 +79,7 @@ def validate_payment_settings(settings: Settings) -> None:
     _check_mainnet(settings, options, key)
 
 
-async def build_gate(settings: Settings, ledger: SqlLedger) -> tuple[PaymentGate, PaymentTerms]:
+async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, PaymentTerms]:
     payments = settings.payments
     if not payments.enabled:
         log.warning("payments are disabled: every generation is free")

@@ -43,7 +43,7 @@ from x402.schemas.v1 import PaymentPayloadV1, PaymentRequirementsV1
 
 from imagegate.errors import PaymentRequired as PaymentRequiredError
 from imagegate.errors import PaymentUnavailable, SettlementFailed, SettlementPending
-from imagegate.ledger import PaymentRecord, PaymentStatus, SqlLedger
+from imagegate.ledger import Ledger, PaymentRecord, PaymentStatus
 from imagegate.payments.base import Payment, PaymentContext, PaymentGate, Reconciled, Replay
 from imagegate.payments.chain import ChainReader, ChainUnreachable, TransferState
 from imagegate.payments.facilitators import (
@@ -128,7 +128,7 @@ class X402Gate(PaymentGate):
         self,
         options: list[PaymentOption],
         facilitator: Facilitator,
-        ledger: SqlLedger,
+        ledger: Ledger,
         *,
         max_timeout_seconds: int,
         chain: ChainReader | None,
