@@ -67,10 +67,10 @@ def create_facilitator_app(facilitator: BuiltinFacilitator, *, bearer_token: str
         if isinstance(parsed_body, JSONResponse):
             return parsed_body
         try:
-            result = await facilitator.verify(*parsed_body)
+            verdict = await facilitator.verify(*parsed_body)
         except FacilitatorUnreachable as exc:
             return JSONResponse({"error": "chain_unreachable", "message": str(exc)}, status_code=503)
-        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
+        return JSONResponse(verdict.model_dump(by_alias=True, exclude_none=True))
 
     @app.post("/settle")
     async def settle(request: Request) -> JSONResponse:
@@ -78,10 +78,11 @@ def create_facilitator_app(facilitator: BuiltinFacilitator, *, bearer_token: str
         if isinstance(parsed_body, JSONResponse):
             return parsed_body
         try:
-            result = await facilitator.settle(*parsed_body)
+            outcome = await facilitator.settle(*parsed_body)
         except SettlementOutcomeUnknown as exc:
+            # 504: the caller must treat the transfer as possibly done and reconcile, never retry blindly.
             return JSONResponse({"error": "settlement_outcome_unknown", "message": str(exc)}, status_code=504)
-        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
+        return JSONResponse(outcome.model_dump(by_alias=True, exclude_none=True))
 
     @app.get("/supported")
     async def supported(request: Request) -> JSONResponse:
