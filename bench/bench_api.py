@@ -74,7 +74,7 @@ async def main() -> None:
     tiny = build_tiny_flux(root / "tiny-flux")
     env = {"BENCH_ROOT": str(root / "data"), "BENCH_TINY_FLUX": str(tiny), "BENCH_THREADS": "1"}
     with server("bench._apps:imagegate_app", env) as url:
-        async with httpx.AsyncClient(trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
             assert (await client.post(f"{url}/v1/images/generate", json=INVALID)).status_code == 400
             assert (await client.post(f"{url}/v1/images/estimate", json=ESTIMATE)).status_code == 200
         rates = await interleaved_throughput({

@@ -62,7 +62,7 @@ async def main() -> None:
             async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
                 estimate = (await client.post(f"{imagegate_url}/v1/images/estimate", json=BODY)).json()
             amount = int(estimate["estimatedCost"]["amount"])
-            async with httpx.AsyncClient(trust_env=False) as client:
+            async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
                 assert (await client.post(f"{imagegate_url}/v1/images/generate", json=BODY)).status_code == 402
             rates = await interleaved_throughput({
                 "challenge": ("POST", f"{imagegate_url}/v1/images/generate", BODY),

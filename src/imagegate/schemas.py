@@ -7,6 +7,7 @@ describe the wire format, so the documentation and the behaviour cannot drift ap
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,6 +82,7 @@ class ErrorBody(BaseModel):
     details: dict[str, Any] | None = None
 
 
+@cache
 def input_schema() -> dict[str, Any]:
     """The request body schema advertised in the 402 challenge for discovery (bazaar style)."""
     schema = GenerateBody.model_json_schema()
@@ -91,5 +93,6 @@ def input_schema() -> dict[str, Any]:
     }
 
 
+@cache
 def output_schema() -> dict[str, Any]:
     return GenerateResponse.model_json_schema()
