@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +34,10 @@ def server_ms(response: httpx.Response, *steps: str) -> float:
     return sum(float(timings[step]) for step in steps)
 
 
-async def paid_latencies(url: str, amount: int, *, imagegate: bool) -> list[float]:
+async def paid_latencies(url: str, amount: int, *, imagegate: bool,
+                         steps: dict[str, list[float]] | None = None) -> list[float]:
     overheads = []
+    steps = {} if steps is None else steps
     async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
         for index in range(REQUESTS + 3):
             terms = Terms(amount)
@@ -46,7 +49,11 @@ async def paid_latencies(url: str, amount: int, *, imagegate: bool) -> list[floa
             assert response.status_code == 200, response.text
             if index < 3:
                 continue  # warm-up
-            overheads.append(elapsed - server_ms(response, "generate", "store") if imagegate else elapsed)
+            if imagegate:
+                for step in ("validate", "payment", "generate", "store", "settle", "publish"):
+                    steps.setdefault(step, []).append(server_ms(response, step))
+            # Storage (staging and publishing the PNG) is not payment work; the SDK route stores nothing.
+            overheads.append(elapsed - server_ms(response, "generate", "store", "publish") if imagegate else elapsed)
     return overheads
 
 
@@ -68,7 +75,8 @@ async def main() -> None:
                 "challenge": ("POST", f"{imagegate_url}/v1/images/generate", BODY),
                 "hello": ("POST", f"{imagegate_url}/bench/hello", BODY),
             })
-            ours = await paid_latencies(f"{imagegate_url}/v1/images/generate", amount, imagegate=True)
+            steps: dict[str, list[float]] = {}
+            ours = await paid_latencies(f"{imagegate_url}/v1/images/generate", amount, imagegate=True, steps=steps)
         with server("bench._apps:sdk_middleware_app", {**env, "BENCH_PRICE": str(amount)}) as sdk_url:
             theirs = await paid_latencies(f"{sdk_url}/paid", amount, imagegate=False)
 
@@ -77,6 +85,8 @@ async def main() -> None:
           f"ratio {rates['challenge'] / rates['hello']:.2f}")
     print(f"imagegate payment steps (verify + reserve + settle + headers, generation excluded): {summary(ours)}")
     print(f"x402 SDK FastAPI middleware, fixed price, same facilitator: {summary(theirs)}")
+    print("imagegate server-side steps, median ms: "
+          + ", ".join(f"{step} {statistics.median(values):.1f}" for step, values in steps.items()))
     raw = {"challenge_rps": rates["challenge"], "hello_rps": rates["hello"], "imagegate_ms": ours, "sdk_ms": theirs}
     await asyncio.to_thread((root / "results.json").write_text, json.dumps(raw))
     print(f"raw numbers: {root / 'results.json'}")

@@ -138,6 +138,7 @@ class ImageService:
             receipt=_receipt_record(receipt),
             charged_amount=receipt.amount if receipt else 0,
         )
+        timings.lap("publish")
         return GenerationOutcome(
             request=request,
             images=[self._stored(image, base_url) for image in images],
