@@ -55,26 +55,27 @@ def _error_responses(*errors: type[ImagegateError]) -> dict[int | str, dict[str,
     return {error.status: {"model": schemas.ErrorBody, "description": error.code} for error in errors}
 
 
-async def _reconcile_forever(service: ImageService, interval_s: float) -> None:
+async def _reconcile_forever(service: ImageService, interval_s: float, stale_after_s: float) -> None:
     """Settlements whose outcome was unknown get resolved even if their client never comes back."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await service.reconcile_pending()
+            await service.reconcile_pending(stale_after_s)
         except Exception:
             # Logged in full and retried next round: one bad round must not end reconciliation for good.
             log.exception("reconciliation round failed")
 
 
 def create_app(service_factory: ServiceFactory, *, cors_origins: list[str], max_body_bytes: int,
-               public_base_url: str | None, reconcile_interval_s: float = 15.0) -> FastAPI:
+               public_base_url: str | None, reconcile_interval_s: float = 15.0,
+               stale_after_s: float = 900.0) -> FastAPI:
     """The ASGI app; ``service_factory`` builds the service at startup (and it is closed at shutdown)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await service_factory()
         app.state.service = service
-        reconciler = asyncio.create_task(_reconcile_forever(service, reconcile_interval_s))
+        reconciler = asyncio.create_task(_reconcile_forever(service, reconcile_interval_s, stale_after_s))
         try:
             yield
         finally:
@@ -245,4 +246,5 @@ def app_from_settings(settings: Settings) -> FastAPI:
         max_body_bytes=settings.server.max_body_bytes,
         public_base_url=settings.server.public_base_url,
         reconcile_interval_s=settings.payments.reconcile_interval_s,
+        stale_after_s=settings.payments.stale_after_s,
     )

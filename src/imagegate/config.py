@@ -104,6 +104,9 @@ class PaymentSettings(_Section):
     # Chain RPC used to reconcile settlements whose outcome is unknown (builtin: rpc_url above).
     reconcile_rpc_url: str | None = None
     reconcile_interval_s: float = 15.0
+    # A payment or generation untouched this long belongs to a request whose process died; reconcile it.
+    # Keep it above queueing + generation + facilitator timeouts.
+    stale_after_s: float = 900.0
     # A request carrying a payment that another request is using waits this long for its outcome.
     in_flight_wait_s: float = 300.0
 

@@ -181,7 +181,13 @@ class Ledger(Protocol):
 
     async def payment(self, key: str) -> PaymentRecord | None: ...
 
-    async def payments_with_status(self, status: PaymentStatus) -> list[PaymentRecord]: ...
+    async def payments_with_status(
+        self, status: PaymentStatus, *, updated_before: datetime | None = None
+    ) -> list[PaymentRecord]: ...
+
+    async def generations_with_status(
+        self, status: GenerationStatus, *, updated_before: datetime | None = None
+    ) -> list[GenerationRecord]: ...
 
 
 def _now() -> datetime:
@@ -259,22 +265,7 @@ class SqlLedger:
     async def generation(self, generation_id: str) -> GenerationRecord | None:
         async with self._engine.connect() as connection:
             row = (await connection.execute(select(generations).where(generations.c.id == generation_id))).first()
-        if row is None:
-            return None
-        return GenerationRecord(
-            id=row.id,
-            model=row.model,
-            status=GenerationStatus(row.status),
-            request=json.loads(row.request),
-            price_amount=row.price_amount,
-            charged_amount=row.charged_amount,
-            provider_cost_micros=row.provider_cost_micros,
-            payment_key=row.payment_key,
-            images=json.loads(row.images) if row.images else [],
-            receipt=json.loads(row.receipt) if row.receipt else None,
-            error=row.error,
-            created_at=row.created_at,
-        )
+        return None if row is None else _generation_record(row)
 
     async def revenue_by_model(self) -> list[ModelRevenue]:
         g = generations.c
@@ -367,10 +358,42 @@ class SqlLedger:
             row = (await connection.execute(select(payments).where(payments.c.key == key))).first()
         return None if row is None else _payment_record(row)
 
-    async def payments_with_status(self, status: PaymentStatus) -> list[PaymentRecord]:
+    async def payments_with_status(
+        self, status: PaymentStatus, *, updated_before: datetime | None = None
+    ) -> list[PaymentRecord]:
+        statement = select(payments).where(payments.c.status == status)
+        if updated_before is not None:
+            statement = statement.where(payments.c.updated_at < updated_before)
         async with self._engine.connect() as connection:
-            rows = (await connection.execute(select(payments).where(payments.c.status == status))).all()
+            rows = (await connection.execute(statement)).all()
         return [_payment_record(row) for row in rows]
+
+    async def generations_with_status(
+        self, status: GenerationStatus, *, updated_before: datetime | None = None
+    ) -> list[GenerationRecord]:
+        statement = select(generations).where(generations.c.status == status)
+        if updated_before is not None:
+            statement = statement.where(generations.c.updated_at < updated_before)
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(statement)).all()
+        return [_generation_record(row) for row in rows]
+
+
+def _generation_record(row: Any) -> GenerationRecord:
+    return GenerationRecord(
+        id=row.id,
+        model=row.model,
+        status=GenerationStatus(row.status),
+        request=json.loads(row.request),
+        price_amount=row.price_amount,
+        charged_amount=row.charged_amount,
+        provider_cost_micros=row.provider_cost_micros,
+        payment_key=row.payment_key,
+        images=json.loads(row.images) if row.images else [],
+        receipt=json.loads(row.receipt) if row.receipt else None,
+        error=row.error,
+        created_at=row.created_at,
+    )
 
 
 def _payment_record(row: Any) -> PaymentRecord:

@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imagegate import pricing
@@ -181,11 +182,23 @@ class ImageService:
             generation_id=generation_id,
         )
 
-    async def reconcile_pending(self) -> None:
-        """Publish or discard the images of settlements whose outcome has just become known."""
-        for outcome in await self.payments.reconcile():
+    async def reconcile_pending(self, stale_after_s: float) -> None:
+        """Finish generations whose settlement outcome was unknown, or whose process died settling.
+
+        Settled: the staged images are published (the client gets them by resending its payment).
+        Refused: they are discarded. Nothing paid for is lost, nothing unpaid is published.
+        """
+        outcomes = {o.generation_id: o for o in await self.payments.reconcile(stale_after_s)}
+        cutoff = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+        for stale in await self.ledger.generations_with_status(GenerationStatus.SETTLING, updated_before=cutoff):
+            if stale.payment_key is not None and stale.id not in outcomes:
+                outcome = await self.payments.outcome(stale.payment_key)
+                if outcome is not None:
+                    outcomes[stale.id] = outcome
+        for outcome in outcomes.values():
             record = await self.ledger.generation(outcome.generation_id)
-            if record is None or record.status is not GenerationStatus.SETTLEMENT_PENDING:
+            unfinished = (GenerationStatus.SETTLEMENT_PENDING, GenerationStatus.SETTLING)
+            if record is None or record.status not in unfinished:
                 continue
             staged = [_staged(image) for image in record.images]
             if outcome.settled:
@@ -196,7 +209,7 @@ class ImageService:
             else:
                 await self.store.discard(staged)
                 await self.ledger.update_generation(record.id, GenerationStatus.SETTLEMENT_FAILED,
-                                                    error="settlement failed on chain")
+                                                    error="settlement did not happen")
 
     async def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
         request = parse_image_request(body, self.catalog, require_prompt=False)

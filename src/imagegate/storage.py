@@ -126,10 +126,12 @@ class LocalImageStore(ImageStore):
         for image in images:
             target = self._published_dir(image.uuid)
             target.mkdir(parents=True, exist_ok=True)
-            # The sidecar first: an image file that exists always has its record.
-            os.replace(self._staging / f"{image.uuid}.json", target / f"{image.uuid}.json")
             name = f"{image.uuid}.{image.format.extension}"
-            os.replace(self._staging / name, target / name)
+            # The sidecar first: an image file that exists always has its record. Each move happens at
+            # most once, so publishing again after an interruption completes what is left.
+            for file_name in (f"{image.uuid}.json", name):
+                if (self._staging / file_name).exists() or not (target / file_name).exists():
+                    os.replace(self._staging / file_name, target / file_name)
 
     async def discard(self, images: list[StagedImage]) -> None:
         await asyncio.to_thread(self._discard, images)

@@ -428,3 +428,97 @@ async def test_generate_command_shows_the_price_caps_it_and_pays(api: str, chain
     assert "success=True" in paid.stdout and "transaction 0x" in paid.stdout
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
     assert await chain.balance_of(PAYER.address) == before - 218
+
+
+def _serve(config: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "imagegate", "serve", "--config", str(config), "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+        for _ in range(600):
+            assert process.poll() is None, "imagegate serve exited"
+            try:
+                if (await client.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(url)
+
+
+async def test_a_server_killed_while_settling_recovers_the_paid_images(
+        facilitator_url: str, chain: devchain.DevChain, tmp_path: Path, tiny_model_paths: dict[str, Path]) -> None:
+    with live_server(slow_settle_proxy(facilitator_url, delay_s=60)) as proxy_url:
+        config = tmp_path / "imagegate.toml"
+        config.write_text(f"""
+data_dir = "{tmp_path / 'data'}"
+[storage]
+directory = "{tmp_path / 'images'}"
+[diffusers]
+cpu_threads = 1
+allow_downloads = false
+[catalog]
+default_model = "flux-schnell"
+[models.flux-schnell]
+source = "{tiny_model_paths['flux']}"
+requires_cuda = false
+dtype = "float32"
+memory_gb = 0.05
+[payments]
+mode = "network"
+reconcile_rpc_url = "{chain.rpc_url}"
+reconcile_interval_s = 0.5
+stale_after_s = 2
+[[payments.options]]
+network = "base-sepolia"
+pay_to = "{PAY_TO}"
+[payments.facilitator]
+kind = "http"
+url = "{proxy_url}"
+timeout_s = 120
+""")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = _serve(config, port)
+        try:
+            await _wait_up(url, server)
+            async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
+                amount = await estimate_amount(client, SMALL)
+                terms = Terms(amount)
+                headers = v2_header(terms, sign(terms))
+                before = await chain.balance_of(PAYER.address)
+                request = asyncio.create_task(client.post("/v1/images/generate", json=SMALL, headers=headers))
+                # The facilitator settles on chain, then its answer is held back: kill the server meanwhile.
+                for _ in range(600):
+                    if await chain.balance_of(PAYER.address) == before - amount:
+                        break
+                    await asyncio.sleep(0.1)
+                server.kill()
+                server.wait()
+                with pytest.raises(httpx.TransportError):
+                    await request
+        finally:
+            if server.poll() is None:
+                server.kill()
+        assert await chain.balance_of(PAYER.address) == before - amount
+
+        restarted = _serve(config, port)
+        try:
+            await _wait_up(url, restarted)
+            async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
+                for _ in range(100):  # the reconciler runs every 0.5 s once the record is 2 s stale
+                    response = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+                    if response.status_code == 200:
+                        break
+                    assert response.status_code in (202, 503), response.text
+                    await asyncio.sleep(0.5)
+                assert response.status_code == 200, response.text
+                receipt = decode_header(response.headers["PAYMENT-RESPONSE"])
+                assert receipt["success"] is True and receipt["transaction"].startswith("0x")
+                assert (await client.get(response.json()["images"][0]["url"])).status_code == 200
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=60)
+        assert await chain.balance_of(PAYER.address) == before - amount

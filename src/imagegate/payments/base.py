@@ -76,9 +76,14 @@ class PaymentGate(ABC):
     async def aclose(self) -> None:
         """Release connections and background tasks."""
 
-    async def reconcile(self) -> list[Reconciled]:
-        """Settle the fate of payments whose settlement outcome was unknown."""
+    async def reconcile(self, stale_after_s: float) -> list[Reconciled]:
+        """Settle the fate of payments whose outcome was unknown, or whose request died mid-flight
+        (untouched for ``stale_after_s``)."""
         return []
+
+    async def outcome(self, key: str) -> Reconciled | None:
+        """The final outcome of payment ``key``, when it has one."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Public facts for the manifest (networks, asset, payTo)."""

@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -412,14 +413,35 @@ class X402Gate(PaymentGate):
                                              error="transaction_failed", expected=[PaymentStatus.PENDING])
         return await self.ledger.payment(record.key) or record
 
-    async def reconcile(self) -> list[Reconciled]:
+    async def reconcile(self, stale_after_s: float) -> list[Reconciled]:
+        cutoff = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+        # A process that died while settling leaves the outcome unknown: the chain will tell.
+        for record in await self.ledger.payments_with_status(PaymentStatus.SETTLING, updated_before=cutoff):
+            await self.ledger.update_payment(record.key, PaymentStatus.PENDING, error="settlement interrupted",
+                                             expected=[PaymentStatus.SETTLING])
+        # One that died before settling never moved money: the payment is the client's to use again.
+        for record in await self.ledger.payments_with_status(PaymentStatus.RESERVED, updated_before=cutoff):
+            await self.ledger.update_payment(record.key, PaymentStatus.RELEASED, error="request interrupted",
+                                             expected=[PaymentStatus.RESERVED])
         outcomes = []
         for record in await self.ledger.payments_with_status(PaymentStatus.PENDING):
             updated = await self._reconcile_one(record)
             if updated.status is not PaymentStatus.PENDING and updated.generation_id:
-                receipt = self.receipt(updated, int(updated.payload.get("version", 1)))
-                outcomes.append(Reconciled(updated.generation_id, updated.status is PaymentStatus.SETTLED, receipt))
+                outcomes.append(self._outcome_of(updated))
         return outcomes
+
+    async def outcome(self, key: str) -> Reconciled | None:
+        record = await self.ledger.payment(key)
+        if record is None or record.generation_id is None:
+            return None
+        if record.status in (PaymentStatus.SETTLED, PaymentStatus.FAILED, PaymentStatus.RELEASED):
+            return self._outcome_of(record)
+        return None
+
+    def _outcome_of(self, record: PaymentRecord) -> Reconciled:
+        assert record.generation_id is not None
+        receipt = self.receipt(record, int(record.payload.get("version", 1)))
+        return Reconciled(record.generation_id, record.status is PaymentStatus.SETTLED, receipt)
 
     async def aclose(self) -> None:
         await self.facilitator.aclose()
