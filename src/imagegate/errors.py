@@ -105,7 +105,8 @@ class PaymentRequired(ImagegateError):
 
     def body(self) -> dict[str, Any]:
         # x402 v1 clients read x402Version/accepts from the body; error/message are ours.
-        return {**self.challenge_body, "error": self.code, "message": self.message, "reason": self.reason}
+        return {**self.challenge_body, "error": self.code, "message": self.message, "reason": self.reason,
+                "details": self.details}
 
 
 class SettlementFailed(ImagegateError):

@@ -15,7 +15,13 @@ from imagegate import pricing
 from imagegate.backends import Backends
 from imagegate.backends.base import Availability, Backend, GenerationJob
 from imagegate.catalog import Catalog, ModelSpec
-from imagegate.errors import InternalError, ModelUnavailable, SettlementFailed, SettlementPending
+from imagegate.errors import (
+    InternalError,
+    ModelUnavailable,
+    PaymentUnavailable,
+    SettlementFailed,
+    SettlementPending,
+)
 from imagegate.ledger import GenerationStatus, Ledger
 from imagegate.payments.base import PaymentContext, PaymentGate, Replay
 from imagegate.storage import ImageStore, StagedImage
@@ -124,7 +130,8 @@ class ImageService:
             # Kept staged: reconciliation publishes them if the transfer lands.
             await self.ledger.update_generation(generation_id, GenerationStatus.SETTLEMENT_PENDING, error=exc.message)
             raise
-        except SettlementFailed as exc:
+        except (SettlementFailed, PaymentUnavailable) as exc:
+            # Refused, or never attempted: no money moved, so the images are not delivered.
             await self.store.discard(staged)
             await self.ledger.update_generation(generation_id, GenerationStatus.SETTLEMENT_FAILED, error=exc.message)
             raise
@@ -160,8 +167,9 @@ class ImageService:
             record = await self.ledger.generation(generation_id)
         if record is None:
             raise InternalError(f"payment refers to unknown generation {generation_id}")
-        if record.status is GenerationStatus.SETTLEMENT_PENDING:
-            # The payment layer only replays a pending generation once its transfer is confirmed.
+        if record.status in (GenerationStatus.SETTLEMENT_PENDING, GenerationStatus.SETTLING):
+            # The payment layer replays only settled payments: finish what an unknown outcome or a
+            # dead process left staged.
             await self.store.publish([_staged(image) for image in record.images])
             await self.ledger.update_generation(
                 generation_id,
