@@ -57,6 +57,8 @@ def serve(
     server_overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings(config, server=server_overrides) if server_overrides else _settings(config)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per outbound request (chain RPC, facilitator, providers) drowns the server's own log.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         validate_payment_settings(settings)
     except PaymentConfigError as error:

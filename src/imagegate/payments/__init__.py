@@ -99,7 +99,9 @@ async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, P
         options = [_option(o, devchain.PAY_TO_ACCOUNT.address) for o in payments.options]
         if any(o.network_v1 != "base-sepolia" for o in options):
             raise PaymentConfigError("the embedded dev chain only poses as base-sepolia")
-        log.warning("%s RPC %s (pid %s)", DEVCHAIN_BANNER, rpc_url, chain_process.pid)
+        rule = "!" * 100
+        log.warning("\n%s\n%s\nDev chain RPC %s (anvil pid %s)\n%s",
+                    rule, DEVCHAIN_BANNER, rpc_url, chain_process.pid, rule)
     else:
         options = [_option(o, None) for o in payments.options]
         _check_mainnet(settings, options, private_key)
