@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
+
+from imagegate.app import app_from_settings
+from tests.integration.conftest import tiny_settings
+from tests.support.server import live_server
 
 SPEC_EXAMPLE_1 = {"prompt": "a cute cat sitting on a windowsill, photorealistic", "model": "flux-schnell",
                   "width": 512, "height": 512, "numberResults": 1}
@@ -196,3 +201,15 @@ def test_body_without_content_type_is_parsed(http: httpx.Client) -> None:
     response = http.post("/v1/images/generate", content=b'{"prompt": "a cat", "width": 128, "height": 128}',
                          headers={"Content-Type": "text/plain"})
     assert response.status_code == 200, response.text
+
+
+def test_public_base_url_fronts_the_image_urls(tmp_path: Path, tiny_model_paths: dict[str, Path]) -> None:
+    settings = tiny_settings(tmp_path, tiny_model_paths, payments={"enabled": False},
+                             server={"public_base_url": "https://cdn.example.com/gen"})
+    with live_server(app_from_settings(settings)) as base_url, httpx.Client(base_url=base_url, timeout=120,
+                                                                           trust_env=False) as client:
+        body = client.post("/v1/images/generate", json={"prompt": "a cat", "width": 128, "height": 128}).json()
+        url = body["images"][0]["url"]
+        assert url.startswith("https://cdn.example.com/gen/images/") and url.endswith(".png")
+        # The CDN forwards the path: the same path is served here.
+        assert client.get(url.removeprefix("https://cdn.example.com/gen")).status_code == 200
