@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from imagegate import devchain
 from imagegate.catalog import build_catalog
@@ -53,7 +54,7 @@ async def run_demo(prompt: str, out: Path, console: Console) -> int:
                 models = (await http.get(f"{base_url}/v1/images/models")).json()
             notice = manifest["payments"].get("notice")
             if notice:
-                console.print(f"[bold yellow]{notice}[/bold yellow]")
+                console.print(f"[bold yellow]{escape(notice)}[/bold yellow]")
             default = next(m for m in models["models"] if m["id"] == models["defaultModel"])
             console.print(f"Default model: [bold]{default['id']}[/bold] ({default['name']}), "
                           f"available: {default['available']}")
