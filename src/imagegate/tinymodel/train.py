@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from rich.console import Console
@@ -47,7 +46,7 @@ from imagegate.tinymodel.architecture import (
     build_vae,
     parameter_count,
 )
-from imagegate.tinymodel.data import render_scene
+from imagegate.tinymodel.data import Scene, render_scene
 
 console = Console()
 
@@ -79,19 +78,28 @@ class TrainConfig:
     decoder_lr: float = 4e-4
     # Several sizes and aspect ratios, so relative sizes, positions and counts hold at 512 px too.
     buckets: tuple[Bucket, ...] = (
-        Bucket(256, 256, 9000, 24, 0.62),
-        Bucket(384, 256, 1000, 16, 0.09),
-        Bucket(256, 384, 1000, 16, 0.09),
-        Bucket(512, 512, 1500, 6, 0.20),
+        Bucket(256, 256, 9000, 24, 0.70),
+        Bucket(384, 256, 1000, 16, 0.10),
+        Bucket(256, 384, 1000, 16, 0.10),
+        Bucket(512, 512, 1500, 6, 0.10),
     )
-    denoiser_steps: int = 4000
-    denoiser_lr: float = 5e-4
+    denoiser_steps: int = 9000
+    denoiser_lr: float = 1e-3
+    denoiser_min_lr: float = 5e-5  # cosine decay from denoiser_lr to this at the last step
     warmup_steps: int = 200
+    # Latent pixels under an object weigh 1 + this much in the denoiser loss, fading linearly to
+    # nothing at ``object_weight_until``. Objects cover ~5% of a scene: unweighted, the loss is almost
+    # all background, and a CPU-sized run learns the background words long before the objects'
+    # colours. But the weight also biases the optimum towards painting an object wherever one might
+    # be (too many blobs), so the last part of the run is unweighted.
+    object_loss_weight: float = 5.0
+    object_weight_until: int = 6000
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     checkpoint_minutes: float = 4.0
     export_minutes: float = 15.0
-    # One thread: on a shared 2-core machine, two OpenMP threads wait on each other and run ~5x slower.
+    # One thread by default: on a shared 2-core machine, two OpenMP threads wait on each other and
+    # run ~5x slower. On an otherwise idle machine ``--threads 2`` is faster.
     threads: int = 1
 
     @classmethod
@@ -100,7 +108,8 @@ class TrainConfig:
             model=TinyConfig.smoke(), vae_steps=3, vae_batch=2, vae_crop=32, decoder_steps=2, decoder_batch=2,
             decoder_crop=32,
             buckets=(Bucket(64, 64, 12, 4, 0.7), Bucket(96, 64, 6, 2, 0.3)),
-            denoiser_steps=4, warmup_steps=1, checkpoint_minutes=0.0, export_minutes=1e9, threads=1,
+            denoiser_steps=4, warmup_steps=1, object_weight_until=3, checkpoint_minutes=0.0, export_minutes=1e9,
+            threads=1,
         )
 
 
@@ -306,9 +315,37 @@ def _load_tuned_decoder(vae: AutoencoderKL, paths: RunPaths) -> AutoencoderKL:
 
 # --- stage 2: pre-encoded dataset ---------------------------------------------------------------
 
+def object_mask(scene: Scene, width: int, height: int, factor: int) -> torch.Tensor:
+    """(height/factor, width/factor) mask of the latent pixels that any drawn object touches."""
+    ys = (torch.arange(height // factor, dtype=torch.float32) + 0.5) * factor
+    xs = (torch.arange(width // factor, dtype=torch.float32) + 0.5) * factor
+    mask = torch.zeros(len(ys), len(xs), dtype=torch.bool)
+    for _, _, cx, cy, diameter in scene.objects:
+        # A latent pixel covers factor x factor image pixels: count it when its square reaches the object.
+        reach = diameter / 2 + factor / 2
+        mask |= ((ys[:, None] - cy) ** 2 + (xs[None, :] - cx) ** 2) < reach**2
+    return mask
+
+
+def _add_object_masks(config: TrainConfig, dataset: dict[str, Any]) -> bool:
+    """Give every bucket its scenes' object masks (re-drawn from the seeds); True when any were added."""
+    next_seed, added = 0, False
+    factor = config.model.vae_scale_factor
+    for entry, bucket in zip(dataset["buckets"], config.buckets, strict=True):
+        if "masks" not in entry:
+            masks = [object_mask(render_scene(seed, bucket.width, bucket.height)[1], bucket.width, bucket.height,
+                                 factor) for seed in range(next_seed, next_seed + bucket.scenes)]
+            entry["masks"] = torch.stack(masks)
+            added = True
+        next_seed += bucket.scenes
+    return added
+
+
 def build_dataset(config: TrainConfig, paths: RunPaths, vae: AutoencoderKL) -> dict[str, Any]:
     if paths.dataset.exists():
         dataset: dict[str, Any] = torch.load(paths.dataset, weights_only=False)
+        if _add_object_masks(config, dataset):  # a dataset encoded before masks existed
+            _atomic_save(dataset, paths.dataset)
         return dataset
     buckets: list[dict[str, Any]] = []
     total = sum(b.scenes for b in config.buckets)
@@ -331,6 +368,7 @@ def build_dataset(config: TrainConfig, paths: RunPaths, vae: AutoencoderKL) -> d
     std, mean = flat.std().item(), flat.mean().item()
     console.print(f"latents: mean {mean:.3f}, std {std:.3f} -> scaling factor {1 / std:.4f}")
     dataset = {"buckets": buckets, "scaling_factor": 1.0 / std}
+    _add_object_masks(config, dataset)
     _atomic_save(dataset, paths.dataset)
     return dataset
 
@@ -381,17 +419,27 @@ class DenoiserState:
                 e.lerp_(p, 1 - decay)
 
 
-def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any], step: int) -> tuple[torch.Tensor, list[str]]:
+def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any],
+                    step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Scaled latents, their loss weights (objects heavier) and captions (some dropped)."""
     generator = _step_generator(config.seed, 3, step)
     weights = torch.tensor([b["bucket"]["weight"] for b in dataset["buckets"]])
     bucket = dataset["buckets"][int(torch.multinomial(weights, 1, generator=generator))]
     size = bucket["bucket"]["batch_size"]
     index = torch.randint(0, len(bucket["captions"]), (size,), generator=generator)
     latents = bucket["latents"][index].float() * dataset["scaling_factor"]
+    fade = max(0.0, 1.0 - step / config.object_weight_until)
+    weights = 1.0 + config.object_loss_weight * fade * bucket["masks"][index].float()[:, None]
     drop = torch.rand(size, generator=generator) < config.caption_dropout
     captions = ["" if dropped else bucket["captions"][i]
                 for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)]
-    return latents, captions
+    return latents, weights, captions
+
+
+def _denoiser_lr(config: TrainConfig, step: int) -> float:
+    warmup = min(1.0, (step + 1) / config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.denoiser_steps)))
+    return warmup * (config.denoiser_min_lr + (config.denoiser_lr - config.denoiser_min_lr) * cosine)
 
 
 def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer: CLIPTokenizer,
@@ -416,7 +464,7 @@ def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer
         task = progress.add_task("denoiser", total=config.denoiser_steps, completed=state.step, status="")
         while state.step < config.denoiser_steps:
             started = time.monotonic()
-            latents, captions = _denoiser_batch(config, dataset, state.step)
+            latents, weights, captions = _denoiser_batch(config, dataset, state.step)
             generator = _step_generator(config.seed, 4, state.step)
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
@@ -426,8 +474,8 @@ def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer
             target = alpha * noise - sigma * latents  # v-prediction
             hidden = state.text_encoder(_tokenize(tokenizer, captions)).last_hidden_state
             prediction = state.unet(noisy, timesteps, hidden).sample
-            loss = F.mse_loss(prediction, target)
-            lr = config.denoiser_lr * min(1.0, (state.step + 1) / config.warmup_steps)
+            loss = (weights * (prediction - target).pow(2)).mean() / weights.mean()
+            lr = _denoiser_lr(config, state.step)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             state.optimizer.zero_grad(set_to_none=True)
@@ -491,7 +539,8 @@ STAGES = ("all", "decoder", "denoiser", "export")
 
 
 def run(out: Path, resume: bool = False, steps: int | None = None, smoke: bool = False,
-        export_to: Path | None = None, stage: str = "all", max_minutes: float | None = None) -> DenoiserState | None:
+        export_to: Path | None = None, stage: str = "all", max_minutes: float | None = None,
+        threads: int | None = None) -> DenoiserState | None:
     """Run the pipeline into ``out``. ``stage`` other than "all" runs the shared prefix (VAE and
     dataset, skipped when done) and then only that stage: "decoder" and "denoiser" are independent
     of each other, so two processes can run them side by side on the same folder."""
@@ -500,6 +549,8 @@ def run(out: Path, resume: bool = False, steps: int | None = None, smoke: bool =
     config = TrainConfig.smoke() if smoke else TrainConfig()
     if steps is not None:
         config = TrainConfig(**{**config.__dict__, "denoiser_steps": steps})
+    if threads is not None:
+        config = TrainConfig(**{**config.__dict__, "threads": threads})
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -532,9 +583,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="after the VAE and dataset: everything (default), or one stage only; "
                              "'decoder' and 'denoiser' can run side by side, 'export' writes the latest checkpoint")
     parser.add_argument("--max-minutes", type=float, help="stop the denoiser (checkpointed, exported) after this long")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1: fastest on a shared 2-core machine)")
     args = parser.parse_args(argv)
     run(args.out, resume=args.resume, steps=args.steps, smoke=args.smoke, export_to=args.export_to, stage=args.stage,
-        max_minutes=args.max_minutes)
+        max_minutes=args.max_minutes, threads=args.threads)
 
 
 if __name__ == "__main__":
