@@ -83,7 +83,7 @@ class TrainConfig:
         Bucket(256, 384, 1000, 16, 0.10),
         Bucket(512, 512, 1500, 6, 0.10),
     )
-    denoiser_steps: int = 9000
+    denoiser_steps: int = 10800
     denoiser_lr: float = 1e-3
     denoiser_min_lr: float = 5e-5  # cosine decay from denoiser_lr to this at the last step
     warmup_steps: int = 200
@@ -423,8 +423,8 @@ def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any],
                     step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Scaled latents, their loss weights (objects heavier) and captions (some dropped)."""
     generator = _step_generator(config.seed, 3, step)
-    weights = torch.tensor([b["bucket"]["weight"] for b in dataset["buckets"]])
-    bucket = dataset["buckets"][int(torch.multinomial(weights, 1, generator=generator))]
+    bucket_weights = torch.tensor([b["bucket"]["weight"] for b in dataset["buckets"]])
+    bucket = dataset["buckets"][int(torch.multinomial(bucket_weights, 1, generator=generator))]
     size = bucket["bucket"]["batch_size"]
     index = torch.randint(0, len(bucket["captions"]), (size,), generator=generator)
     latents = bucket["latents"][index].float() * dataset["scaling_factor"]
