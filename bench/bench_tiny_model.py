@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256, 1024])
-    parser.add_argument("--prompt", default="two small blue stars on a yellow background")
+    parser.add_argument("--prompt", default="a large orange triangle on a blue background")
     args = parser.parse_args()
 
     import torch

@@ -248,7 +248,7 @@ def _signed_usd(micros: int) -> str:
 
 @cli.command()
 def demo(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")] = "two small blue stars on a yellow background",
+    prompt: Annotated[str, typer.Argument(help="What to draw.")] = "a large orange triangle on a blue background",
     out: Annotated[Path, typer.Option(help="Folder to save the images in.")] = Path("out"),
 ) -> None:
     """End to end on the embedded defaults: dev chain, server, a paid generation by a real x402 client."""

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # Submodule imports: the top-level ``diffusers`` names resolve to dummy classes for type checkers.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -152,7 +154,13 @@ def build_unet(config: TinyConfig) -> UNet2DConditionModel:
         attention_head_dim=config.unet_attention_head_dim,
         norm_num_groups=16 if min(config.unet_channels) % 16 == 0 and min(config.unet_channels) > 16 else 8,
         use_linear_projection=True,
+        # The caption, pooled, is also added to the timestep embedding, which every ResNet block sees:
+        # the full-resolution level, where a 3-latent-pixel object's shape is drawn, has no attention.
+        addition_embed_type="text", addition_embed_type_num_heads=config.text_heads,
     )
+    # Zero gain on the pooled caption's last norm: the embedding starts as a no-op, so adding it to
+    # a trained UNet (a checkpoint from before it existed) leaves that UNet's output unchanged.
+    torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
     return unet
 
 

@@ -52,6 +52,20 @@ POSITIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "at the bottom": ((0.25, 0.75), (0.70, 0.88)),
     "in the center": ((0.42, 0.58), (0.42, 0.58)),
 }
+# Where the objects of a caption without a position go: one fixed arrangement per count, as
+# (x, y) fractions of the image, jittered by up to LAYOUT_JITTER. A model this small cannot learn
+# to compose a scene out of pure noise when objects land anywhere: it paints blobs wherever the
+# noise suggests and ignores the count. A fixed arrangement per count is a template it learns
+# quickly, and one a viewer counts at a glance.
+LAYOUTS: dict[int, tuple[tuple[float, float], ...]] = {
+    1: ((0.5, 0.5),),
+    2: ((0.28, 0.5), (0.72, 0.5)),
+    3: ((0.5, 0.3), (0.27, 0.7), (0.73, 0.7)),
+    4: ((0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)),
+}
+LAYOUT_JITTER = 0.05
+# Two object groups: the first on an upper row, the second on a lower one.
+GROUP_ROWS = (0.3, 0.7)
 SCENES: dict[str, str] = {"landscape": "in a sunny landscape", "night": "in the night sky"}
 
 # Colours of the two scenes' fixed parts.
@@ -246,22 +260,39 @@ def shape_polygon(shape: str, cx: float, cy: float, d: float) -> list[tuple[floa
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _place(group: ObjectGroup, w: int, h: int, rng: random.Random,
+def layout_slots(groups: list[ObjectGroup]) -> list[list[tuple[float, float]]]:
+    """Each group's object centres as (x, y) fractions of the image, before jitter."""
+    if len(groups) == 1:
+        return [list(LAYOUTS[groups[0].count])]
+    return [[((i + 1) / (group.count + 1), row) for i in range(group.count)]
+            for group, row in zip(groups, GROUP_ROWS, strict=False)]
+
+
+def _place(group: ObjectGroup, slots: list[tuple[float, float]], w: int, h: int, rng: random.Random,
            obstacles: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
-    """Non-overlapping (cx, cy, diameter) for the group's objects, so counts stay countable."""
+    """Non-overlapping (cx, cy, diameter) for the group's objects, so counts stay countable.
+
+    Each object goes to its slot (or its named position), jittered; where the sun, the moon or a
+    neighbour is in the way after many tries, anywhere free.
+    """
     short = min(w, h)
     placed: list[tuple[float, float, float]] = []
-    for _ in range(group.count):
+    for slot in slots:
         for attempt in range(200):
             d = short * rng.uniform(*SIZE_RANGES[group.size]) * (0.85 if attempt > 100 else 1.0)
             if group.position is not None:
                 (x0, x1), (y0, y1) = POSITIONS[group.position]
                 cx, cy = w * rng.uniform(x0, x1), h * rng.uniform(y0, y1)
+            elif attempt < 150:
+                jitter = LAYOUT_JITTER * min(1.0, 0.5 + attempt / 50)
+                cx = w * (slot[0] + rng.uniform(-jitter, jitter))
+                cy = h * (slot[1] + rng.uniform(-jitter, jitter))
             else:
                 margin = d / 2 + short * 0.03
                 cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
             gap = short * 0.04
-            if all(math.dist((cx, cy), (ox, oy)) > d / 2 + orad + gap for ox, oy, orad in obstacles):
+            inside = d / 2 <= cx <= w - d / 2 and d / 2 <= cy <= h - d / 2
+            if inside and all(math.dist((cx, cy), (ox, oy)) > d / 2 + orad + gap for ox, oy, orad in obstacles):
                 placed.append((cx, cy, d))
                 obstacles.append((cx, cy, d / 2))
                 break
@@ -276,9 +307,9 @@ def draw_scene(scene: Scene, width: int, height: int, rng: random.Random) -> Ima
     obstacles: list[tuple[float, float, float]] = []
     _paint_background(draw, scene.background, ss_w, ss_h, rng, obstacles)
     scene.objects = []
-    for group in scene.groups:
+    for group, slots in zip(scene.groups, layout_slots(scene.groups), strict=True):
         colour = _jitter(COLOURS[group.colour], rng, 10)
-        for cx, cy, d in _place(group, ss_w, ss_h, rng, obstacles):
+        for cx, cy, d in _place(group, slots, ss_w, ss_h, rng, obstacles):
             polygon = shape_polygon(group.shape, cx, cy, d)
             if polygon is None:
                 draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=colour)

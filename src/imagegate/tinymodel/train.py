@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,25 @@ class TrainConfig:
     decoder_lr: float = 4e-4
     # Several sizes and aspect ratios, so relative sizes, positions and counts hold at 512 px too.
     buckets: tuple[Bucket, ...] = (
-        Bucket(256, 256, 9000, 24, 0.70),
-        Bucket(384, 256, 1000, 16, 0.10),
-        Bucket(256, 384, 1000, 16, 0.10),
-        Bucket(512, 512, 1500, 6, 0.10),
+        Bucket(256, 256, 16000, 24, 0.55),
+        Bucket(384, 256, 2000, 16, 0.10),
+        Bucket(256, 384, 2000, 16, 0.10),
+        # A quarter of the steps at 512 px: a small star there spans 3-4 latent pixels, enough for its
+        # shape, against under 2 at 256 px.
+        Bucket(512, 512, 2500, 6, 0.25),
     )
-    denoiser_steps: int = 10800
+    denoiser_steps: int = 25800
+    # Cosine decay from denoiser_lr to denoiser_min_lr, then one warm restart (SGDR): from
+    # restart_step on, cosine again from restart_lr to denoiser_min_lr at the last step.
     denoiser_lr: float = 1e-3
-    denoiser_min_lr: float = 5e-5  # cosine decay from denoiser_lr to this at the last step
+    denoiser_min_lr: float = 5e-5
+    restart_step: int = 10800
+    restart_lr: float = 5e-4
     warmup_steps: int = 200
+    # This share of each batch draws its timestep from the noisiest (1 - high_noise_from/1000) of
+    # the schedule, where the composition (count, size, place) is decided; the rest uniformly.
+    high_noise_share: float = 0.3
+    high_noise_from: int = 700
     # Latent pixels under an object weigh 1 + this much in the denoiser loss, fading linearly to
     # nothing at ``object_weight_until``. Objects cover ~5% of a scene: unweighted, the loss is almost
     # all background, and a CPU-sized run learns the background words long before the objects'
@@ -94,6 +105,9 @@ class TrainConfig:
     # be (too many blobs), so the last part of the run is unweighted.
     object_loss_weight: float = 5.0
     object_weight_until: int = 6000
+    # After the restart the weight is back, constant: with every count drawn in a fixed layout it no
+    # longer adds blobs, and it is what teaches objects' colours and shapes quickly.
+    restart_object_loss_weight: float = 3.0
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     checkpoint_minutes: float = 4.0
@@ -108,7 +122,8 @@ class TrainConfig:
             model=TinyConfig.smoke(), vae_steps=3, vae_batch=2, vae_crop=32, decoder_steps=2, decoder_batch=2,
             decoder_crop=32,
             buckets=(Bucket(64, 64, 12, 4, 0.7), Bucket(96, 64, 6, 2, 0.3)),
-            denoiser_steps=4, warmup_steps=1, object_weight_until=3, checkpoint_minutes=0.0, export_minutes=1e9,
+            denoiser_steps=4, restart_step=2, warmup_steps=1, object_weight_until=3, checkpoint_minutes=0.0,
+            export_minutes=1e9,
             threads=1,
         )
 
@@ -198,54 +213,81 @@ def _vae_batch(config: TrainConfig, step: int, batch: int | None = None, crop: i
     return torch.stack(crops)
 
 
+def _restore_stage(path: Path, key: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, total: int,
+                   resume: bool) -> int | None:
+    """Load an autoencoder stage's checkpoint into ``module`` and ``optimizer``.
+
+    Returns the step to continue from (0 without a checkpoint), or None when the stage is finished.
+    """
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["step"] >= total:
+        return None
+    if not resume:
+        raise SystemExit(f"{path} holds an unfinished {key} run: pass --resume")
+    return int(state["step"])
+
+
+def _run_stage(config: TrainConfig, label: str, start: int, total: int,
+               train_step: Callable[[int], tuple[float, float]], save: Callable[[int], None]) -> None:
+    """The loop both autoencoder stages share: ``train_step(step) -> (loss, l1)`` with progress, a
+    smoothed loss and a checkpoint (``save(steps_done)``) every few minutes and at the end."""
+    last_save = time.monotonic()
+    smoothed: float | None = None
+    log = _LogLines()
+    with _progress() as progress:
+        task = progress.add_task(label, total=total, completed=start, status="")
+        for step in range(start, total):
+            loss, l1 = train_step(step)
+            smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
+            status = f"loss {smoothed:.4f} (l1 {l1:.4f})"
+            progress.update(task, advance=1, status=status)
+            log.maybe(label, step + 1, total, status)
+            if step + 1 == total or time.monotonic() - last_save > config.checkpoint_minutes * 60:
+                save(step + 1)
+                last_save = time.monotonic()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+
+
 def train_vae(config: TrainConfig, paths: RunPaths, resume: bool) -> AutoencoderKL:
     torch.manual_seed(config.seed)
     vae = build_vae(config.model)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    start = 0
-    if paths.vae.exists():
-        state = torch.load(paths.vae, weights_only=False)
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        if start >= config.vae_steps:
-            return vae.eval()
-        if not resume:
-            raise SystemExit(f"{paths.vae} holds an unfinished VAE run: pass --resume")
+    start = _restore_stage(paths.vae, "vae", vae, optimizer, config.vae_steps, resume)
+    if start is None:
+        return vae.eval()
     console.print(f"VAE: {parameter_count(vae):,} parameters, factor {config.model.vae_scale_factor}")
     vae.train()
-    last_save = time.monotonic()
-    smoothed = None
-    log = _LogLines()
-    with _progress() as progress:
-        task = progress.add_task("vae", total=config.vae_steps, completed=start, status="")
-        for step in range(start, config.vae_steps):
-            images = _vae_batch(config, step)
-            # A deterministic autoencoder (posterior mean) with a little latent noise: sampling the
-            # untrained posterior (std ~1) drowns the signal, while mild noise keeps the decoder
-            # tolerant of the denoiser's small errors.
-            latents = vae.encode(images).latent_dist.mean
-            noise = torch.randn(latents.shape, generator=_step_generator(config.seed, 1, step))
-            recon = vae.decode(latents + 0.1 * latents.detach().std() * noise).sample
-            loss, l1 = _reconstruction_loss(recon, images)
-            loss = loss + 1e-4 * latents.pow(2).mean()  # the last term only stops the scale drifting
-            cosine = 0.5 * (1 + math.cos(math.pi * step / config.vae_steps))
-            lr = config.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * cosine)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optimizer.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            status = f"loss {smoothed:.4f} (l1 {l1.item():.4f})"
-            progress.update(task, advance=1, status=status)
-            log.maybe("vae", step + 1, config.vae_steps, status)
-            done = step + 1 == config.vae_steps
-            if done or time.monotonic() - last_save > config.checkpoint_minutes * 60:
-                checkpoint = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
-                _atomic_save(checkpoint, paths.vae)
-                last_save = time.monotonic()
+
+    def train_step(step: int) -> tuple[float, float]:
+        images = _vae_batch(config, step)
+        # A deterministic autoencoder (posterior mean) with a little latent noise: sampling the
+        # untrained posterior (std ~1) drowns the signal, while mild noise keeps the decoder
+        # tolerant of the denoiser's small errors.
+        latents = vae.encode(images).latent_dist.mean
+        noise = torch.randn(latents.shape, generator=_step_generator(config.seed, 1, step))
+        recon = vae.decode(latents + 0.1 * latents.detach().std() * noise).sample
+        loss, l1 = _reconstruction_loss(recon, images)
+        loss = loss + 1e-4 * latents.pow(2).mean()  # the last term only stops the scale drifting
+        cosine = 0.5 * (1 + math.cos(math.pi * step / config.vae_steps))
+        _optimizer_step(optimizer, loss, config.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * cosine))
+        return loss.item(), l1.item()
+
+    def save(steps_done: int) -> None:
+        _atomic_save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": steps_done}, paths.vae)
+
+    _run_stage(config, "vae", start, config.vae_steps, train_step, save)
     return vae.eval()
 
 
@@ -261,46 +303,28 @@ def train_decoder(config: TrainConfig, paths: RunPaths, vae: AutoencoderKL, resu
     """Sharpen the decoder with the encoder frozen; returns ``vae`` with the tuned decoder loaded."""
     decoder_modules = _decoder_modules(vae)
     optimizer = torch.optim.AdamW(decoder_modules.parameters(), lr=config.decoder_lr, weight_decay=0.0)
-    start = 0
-    if paths.decoder.exists():
-        state = torch.load(paths.decoder, weights_only=False)
-        decoder_modules.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        if start >= config.decoder_steps:
-            return vae.eval()
-        if not resume:
-            raise SystemExit(f"{paths.decoder} holds an unfinished decoder run: pass --resume")
+    start = _restore_stage(paths.decoder, "decoder", decoder_modules, optimizer, config.decoder_steps, resume)
+    if start is None:
+        return vae.eval()
     vae.eval()
     decoder_modules.train()
-    last_save = time.monotonic()
-    smoothed = None
-    log = _LogLines()
-    with _progress() as progress:
-        task = progress.add_task("decoder", total=config.decoder_steps, completed=start, status="")
-        for step in range(start, config.decoder_steps):
-            images = _vae_batch(config, step, config.decoder_batch, config.decoder_crop, stream=1)
-            with torch.no_grad():
-                latents = vae.encode(images).latent_dist.mean
-            noise = torch.randn(latents.shape, generator=_step_generator(config.seed, 2, step))
-            recon = vae.decode(latents + 0.1 * latents.std() * noise).sample
-            loss, l1 = _reconstruction_loss(recon, images)
-            lr = config.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / config.decoder_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(decoder_modules.parameters(), 1.0)
-            optimizer.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            status = f"loss {smoothed:.4f} (l1 {l1.item():.4f})"
-            progress.update(task, advance=1, status=status)
-            log.maybe("decoder", step + 1, config.decoder_steps, status)
-            done = step + 1 == config.decoder_steps
-            if done or time.monotonic() - last_save > config.checkpoint_minutes * 60:
-                _atomic_save({"decoder": decoder_modules.state_dict(), "optimizer": optimizer.state_dict(),
-                              "step": step + 1}, paths.decoder)
-                last_save = time.monotonic()
+
+    def train_step(step: int) -> tuple[float, float]:
+        images = _vae_batch(config, step, config.decoder_batch, config.decoder_crop, stream=1)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        noise = torch.randn(latents.shape, generator=_step_generator(config.seed, 2, step))
+        recon = vae.decode(latents + 0.1 * latents.std() * noise).sample
+        loss, l1 = _reconstruction_loss(recon, images)
+        cosine = 0.5 * (1 + math.cos(math.pi * step / config.decoder_steps))
+        _optimizer_step(optimizer, loss, config.decoder_lr * cosine)
+        return loss.item(), l1.item()
+
+    def save(steps_done: int) -> None:
+        _atomic_save({"decoder": decoder_modules.state_dict(), "optimizer": optimizer.state_dict(),
+                      "step": steps_done}, paths.decoder)
+
+    _run_stage(config, "decoder", start, config.decoder_steps, train_step, save)
     return vae.eval()
 
 
@@ -327,48 +351,38 @@ def object_mask(scene: Scene, width: int, height: int, factor: int) -> torch.Ten
     return mask
 
 
-def _add_object_masks(config: TrainConfig, dataset: dict[str, Any]) -> bool:
-    """Give every bucket its scenes' object masks (re-drawn from the seeds); True when any were added."""
-    next_seed, added = 0, False
-    factor = config.model.vae_scale_factor
-    for entry, bucket in zip(dataset["buckets"], config.buckets, strict=True):
-        if "masks" not in entry:
-            masks = [object_mask(render_scene(seed, bucket.width, bucket.height)[1], bucket.width, bucket.height,
-                                 factor) for seed in range(next_seed, next_seed + bucket.scenes)]
-            entry["masks"] = torch.stack(masks)
-            added = True
-        next_seed += bucket.scenes
-    return added
-
-
 def build_dataset(config: TrainConfig, paths: RunPaths, vae: AutoencoderKL) -> dict[str, Any]:
+    """Every bucket's scenes as latents (fp16), their captions and their objects' latent masks."""
     if paths.dataset.exists():
         dataset: dict[str, Any] = torch.load(paths.dataset, weights_only=False)
-        if _add_object_masks(config, dataset):  # a dataset encoded before masks existed
-            _atomic_save(dataset, paths.dataset)
         return dataset
     buckets: list[dict[str, Any]] = []
     total = sum(b.scenes for b in config.buckets)
+    factor = config.model.vae_scale_factor
     chunk = 16
     next_seed = 0
     with _progress() as progress, torch.inference_mode():
         task = progress.add_task("encode scenes", total=total, status="")
+        log = _LogLines()
         for bucket in config.buckets:
-            latents, captions = [], []
+            latents, masks, captions = [], [], []
             for first in range(0, bucket.scenes, chunk):
                 seeds = range(next_seed + first, next_seed + min(first + chunk, bucket.scenes))
                 rendered = [render_scene(seed, bucket.width, bucket.height) for seed in seeds]
                 pixels = torch.stack([_to_tensor(image) for image, _ in rendered])
                 latents.append(vae.encode(pixels).latent_dist.mean.to(torch.float16))
+                masks += [object_mask(scene, bucket.width, bucket.height, factor) for _, scene in rendered]
                 captions += [scene.caption for _, scene in rendered]
-                progress.update(task, advance=len(seeds), status=f"{bucket.width}x{bucket.height}")
+                status = f"{bucket.width}x{bucket.height}"
+                progress.update(task, advance=len(seeds), status=status)
+                log.maybe("encode", first + len(seeds), bucket.scenes, status)
             next_seed += bucket.scenes
-            buckets.append({"bucket": asdict(bucket), "latents": torch.cat(latents), "captions": captions})
+            buckets.append({"bucket": asdict(bucket), "latents": torch.cat(latents), "masks": torch.stack(masks),
+                            "captions": captions})
     flat = torch.cat([b["latents"].float().flatten() for b in buckets])
     std, mean = flat.std().item(), flat.mean().item()
     console.print(f"latents: mean {mean:.3f}, std {std:.3f} -> scaling factor {1 / std:.4f}")
     dataset = {"buckets": buckets, "scaling_factor": 1.0 / std}
-    _add_object_masks(config, dataset)
     _atomic_save(dataset, paths.dataset)
     return dataset
 
@@ -404,11 +418,26 @@ class DenoiserState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.text_encoder.load_state_dict(state["text_encoder"])
-        self.unet.load_state_dict(state["unet"])
         self.ema_text_encoder.load_state_dict(state["ema_text_encoder"])
-        self.ema_unet.load_state_dict(state["ema_unet"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        added = self._load_unet(self.unet, state["unet"])
+        self._load_unet(self.ema_unet, state["ema_unet"])
+        if added:
+            # The optimizer's state is indexed by parameter position, which the new module shifts:
+            # restart its moments (the run restarts its learning rate there anyway).
+            console.print(f"the checkpoint predates {', '.join(sorted(added))}: starting it from its initial "
+                          "weights, with fresh optimizer moments")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.seconds = state["step"], state.get("seconds", 0.0)
+
+    @staticmethod
+    def _load_unet(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> set[str]:
+        """Load ``weights``; returns the modules a checkpoint from before the caption embedding lacked."""
+        result = unet.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or any(not key.startswith("add_embedding.") for key in result.missing_keys):
+            raise RuntimeError(f"checkpoint does not fit the UNet: missing {result.missing_keys}, "
+                               f"unexpected {result.unexpected_keys}")
+        return {key.split(".")[0] for key in result.missing_keys}
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -423,13 +452,17 @@ def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any],
                     step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Scaled latents, their loss weights (objects heavier) and captions (some dropped)."""
     generator = _step_generator(config.seed, 3, step)
-    bucket_weights = torch.tensor([b["bucket"]["weight"] for b in dataset["buckets"]])
+    # The mix comes from the config, not from the dataset file: it can change without re-encoding.
+    bucket_weights = torch.tensor([b.weight for b in config.buckets])
     bucket = dataset["buckets"][int(torch.multinomial(bucket_weights, 1, generator=generator))]
     size = bucket["bucket"]["batch_size"]
     index = torch.randint(0, len(bucket["captions"]), (size,), generator=generator)
     latents = bucket["latents"][index].float() * dataset["scaling_factor"]
-    fade = max(0.0, 1.0 - step / config.object_weight_until)
-    weights = 1.0 + config.object_loss_weight * fade * bucket["masks"][index].float()[:, None]
+    if step >= config.restart_step:
+        object_weight = config.restart_object_loss_weight
+    else:
+        object_weight = config.object_loss_weight * max(0.0, 1.0 - step / config.object_weight_until)
+    weights = 1.0 + object_weight * bucket["masks"][index].float()[:, None]
     drop = torch.rand(size, generator=generator) < config.caption_dropout
     captions = ["" if dropped else bucket["captions"][i]
                 for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)]
@@ -437,9 +470,19 @@ def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any],
 
 
 def _denoiser_lr(config: TrainConfig, step: int) -> float:
-    warmup = min(1.0, (step + 1) / config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / config.denoiser_steps)))
-    return warmup * (config.denoiser_min_lr + (config.denoiser_lr - config.denoiser_min_lr) * cosine)
+    """Linear warm-up, cosine decay, and the same again from ``restart_step`` (a warm restart)."""
+    start, end, peak = 0, config.restart_step, config.denoiser_lr
+    if step >= config.restart_step:
+        start, end, peak = config.restart_step, config.denoiser_steps, config.restart_lr
+    warmup = min(1.0, (step - start + 1) / config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, end - start))))
+    return warmup * (config.denoiser_min_lr + (peak - config.denoiser_min_lr) * cosine)
+
+
+def _timesteps(config: TrainConfig, count: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    uniform = torch.randint(0, total, (count,), generator=generator)
+    noisy = torch.randint(config.high_noise_from, total, (count,), generator=generator)
+    return torch.where(torch.rand(count, generator=generator) < config.high_noise_share, noisy, uniform)
 
 
 def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer: CLIPTokenizer,
@@ -467,7 +510,7 @@ def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer
             latents, weights, captions = _denoiser_batch(config, dataset, state.step)
             generator = _step_generator(config.seed, 4, state.step)
             noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
+            timesteps = _timesteps(config, latents.shape[0], len(alphas_cumprod), generator)
             alpha = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
             sigma = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
             noisy = alpha * latents + sigma * noise
@@ -475,13 +518,7 @@ def train_denoiser(config: TrainConfig, paths: RunPaths, resume: bool, tokenizer
             hidden = state.text_encoder(_tokenize(tokenizer, captions)).last_hidden_state
             prediction = state.unet(noisy, timesteps, hidden).sample
             loss = (weights * (prediction - target).pow(2)).mean() / weights.mean()
-            lr = _denoiser_lr(config, state.step)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_([*state.text_encoder.parameters(), *state.unet.parameters()], 1.0)
-            state.optimizer.step()
+            _optimizer_step(state.optimizer, loss, _denoiser_lr(config, state.step))
             state.step += 1
             state.update_ema(config.ema_decay)
             state.seconds += time.monotonic() - started
