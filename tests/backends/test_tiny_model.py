@@ -127,6 +127,17 @@ def test_an_interrupted_autoencoder_stage_needs_resume_and_continues(tmp_path: P
     assert torch.load(paths.vae, weights_only=False)["step"] == 3
 
 
+def test_a_dataset_encoded_for_other_buckets_is_refused(tmp_path: Path) -> None:
+    config = train.TrainConfig.smoke()
+    paths = train.RunPaths(tmp_path)
+    vae = train.train_vae(config, paths, resume=False)
+    dataset = train.build_dataset(config, paths, vae)
+    assert [len(b["captions"]) for b in dataset["buckets"]] == [b.scenes for b in config.buckets]
+    more_scenes = (train.Bucket(64, 64, 20, 4, 0.7), *config.buckets[1:])
+    with pytest.raises(SystemExit, match="delete it"):
+        train.build_dataset(train.TrainConfig(**{**config.__dict__, "buckets": more_scenes}), paths, vae)
+
+
 def test_smoke_training_is_finite_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     straight = train.run(tmp_path / "straight", steps=4, smoke=True)
     assert straight.step == 4

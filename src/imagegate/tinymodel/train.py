@@ -355,6 +355,11 @@ def build_dataset(config: TrainConfig, paths: RunPaths, vae: AutoencoderKL) -> d
     """Every bucket's scenes as latents (fp16), their captions and their objects' latent masks."""
     if paths.dataset.exists():
         dataset: dict[str, Any] = torch.load(paths.dataset, weights_only=False)
+        encoded = [(b["bucket"]["width"], b["bucket"]["height"], b["bucket"]["scenes"]) for b in dataset["buckets"]]
+        wanted = [(b.width, b.height, b.scenes) for b in config.buckets]
+        if encoded != wanted:
+            raise SystemExit(f"{paths.dataset} holds scenes {encoded} (width, height, count), the config asks for "
+                             f"{wanted}: delete it to encode the config's")
         return dataset
     buckets: list[dict[str, Any]] = []
     total = sum(b.scenes for b in config.buckets)
@@ -452,10 +457,10 @@ def _denoiser_batch(config: TrainConfig, dataset: dict[str, Any],
                     step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Scaled latents, their loss weights (objects heavier) and captions (some dropped)."""
     generator = _step_generator(config.seed, 3, step)
-    # The mix comes from the config, not from the dataset file: it can change without re-encoding.
-    bucket_weights = torch.tensor([b.weight for b in config.buckets])
-    bucket = dataset["buckets"][int(torch.multinomial(bucket_weights, 1, generator=generator))]
-    size = bucket["bucket"]["batch_size"]
+    # Mix and batch sizes come from the config, the scenes from the dataset file (checked to match
+    # the config's buckets when loaded): the mix can change without re-encoding.
+    choice = int(torch.multinomial(torch.tensor([b.weight for b in config.buckets]), 1, generator=generator))
+    bucket, size = dataset["buckets"][choice], config.buckets[choice].batch_size
     index = torch.randint(0, len(bucket["captions"]), (size,), generator=generator)
     latents = bucket["latents"][index].float() * dataset["scaling_factor"]
     if step >= config.restart_step:
