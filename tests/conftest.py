@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Session-wide servers any test directory may use (one each per session): PostgreSQL, moto's S3, a Ray head.
+pytest_plugins = ["tests.support.postgres", "tests.support.s3", "tests.support.ray"]
+
 # No test may reach a model hub; the tiny pipelines are built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -78,6 +78,8 @@ class ModelSpec(_Strict):
     max_sequence_length: int | None = None
     price: PriceSpec
     enabled: bool = True
+    # For benchmarks only (e.g. the simulated GPU): listed as such, and never the default model.
+    benchmark_only: bool = False
     # Backend-specific options, validated by that backend's own Options model.
     options: dict[str, Any] = {}
 
@@ -131,6 +133,8 @@ class Catalog(Mapping[str, ModelSpec]):
         self._models = {key: spec for key, spec in models.items() if spec.enabled}
         if default_model not in self._models:
             raise CatalogError(f"default model {default_model!r} is not an enabled catalog entry")
+        if self._models[default_model].benchmark_only:
+            raise CatalogError(f"{default_model!r} is a benchmark-only model and cannot be the default model")
         self.default_model = default_model
 
     def __getitem__(self, model_id: str) -> ModelSpec:

@@ -58,6 +58,8 @@ async def run_demo(prompt: str, out: Path, console: Console) -> int:
             default = next(m for m in models["models"] if m["id"] == models["defaultModel"])
             console.print(f"Default model: [bold]{default['id']}[/bold] ({default['name']}), "
                           f"available: {default['available']}")
+            console.print(f"Playground for people: {base_url}/ in a browser while the demo runs; afterwards run "
+                          "[bold].venv/bin/imagegate serve[/bold] and open http://127.0.0.1:8402/")
             console.print(f"Prompt: [italic]{prompt}[/italic]")
             return await run_paid_generation(
                 base_url, {"prompt": prompt, "width": 512, "height": 512, "numberResults": 2, "seed": 7},

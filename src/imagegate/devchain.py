@@ -9,6 +9,13 @@ controls accept the canonical USDC address as a default asset.
 All chain access goes through a small async JSON-RPC helper over httpx rather than web3.py: web3's
 sync provider would block the event loop of the server and of the tests.
 
+A chain with a ``state_file`` (``imagegate serve``'s) behaves like a real chain across a crash of the
+server: anvil runs in its own session, so it outlives a SIGKILLed server (and ignores the terminal's
+Ctrl-C, which the server drains first), dumps its state every ``state_interval_s``, and is recorded
+beside the state file (pid, start time, port, chain id). The next server on the same data directory
+reattaches to it after checking that it is the very same anvil, so no transaction the chain accepted
+is lost; a clean stop of the server ends it (anvil then writes its state one last time).
+
 The keys below are anvil's well-known development keys (mnemonic ``test test ... junk``): they are
 public, so production configuration must refuse them (``is_well_known_test_key``).
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -329,6 +337,66 @@ def _owns_listening_socket(pid: int, port: int) -> bool:
     return False
 
 
+def _process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc), or None when it is gone or a zombie.
+
+    With the pid, it identifies one process for its whole life: pids are reused, start times are not.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: the fields that follow it come
+    # after its last ')'. There, field 3 (the state) is first and field 22 (starttime) is 20th.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):  # exited, waiting to be reaped: not running any more
+        return None
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class AnvilRecord:
+    """The anvil serving a state file, as written beside it: enough to recognise it again."""
+
+    pid: int
+    start_ticks: int
+    port: int
+    chain_id: int
+
+    def alive(self) -> bool:
+        """The recorded process still runs (the same process: its pid was not reused since)."""
+        return _process_start_ticks(self.pid) == self.start_ticks
+
+    @classmethod
+    def read(cls, path: Path) -> AnvilRecord | None:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(int(raw["pid"]), int(raw["startTicks"]), int(raw["port"]), int(raw["chainId"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"pid": self.pid, "startTicks": self.start_ticks, "port": self.port,
+                                         "chainId": self.chain_id}))
+        os.replace(temporary, path)
+
+
+async def _terminate(record: AnvilRecord, *, timeout_s: float) -> None:
+    """Stop an anvil this process did not start (so cannot ``wait`` for): SIGTERM, then SIGKILL."""
+    # Not our child: its exit cannot be awaited, only watched for (it is polled, like any foreign pid).
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        if not record.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not record.alive():
+                return
+            await asyncio.sleep(0.05)
+
+
 def _address_word(address: str) -> bytes:
     return abi_encode(["address"], [address])
 
@@ -336,9 +404,13 @@ def _address_word(address: str) -> bytes:
 class DevChain:
     """A local anvil with the test USDC installed and the payer funded.
 
-    ``state_file``: anvil loads the chain from it at start and writes it back at stop, so balances
-    survive restarts (``imagegate serve``'s dev chain). Without it every start is a fresh chain.
+    ``state_file``: anvil loads the chain from it at start, writes it back every ``state_interval_s``
+    and at stop, and a running anvil for it is reattached to rather than started twice (see the
+    module), so the chain survives restarts and crashes (``imagegate serve``'s dev chain). Without it
+    every start is a fresh chain that ends with ``stop``.
     ``payer_balance``: the payer is topped up to at least this many atomic units at every start.
+    ``block_time_s``: mine a block every this many seconds (like Base's 2 s) instead of one block
+    per transaction as soon as it arrives.
     """
 
     def __init__(
@@ -347,23 +419,48 @@ class DevChain:
         payer_balance: int = DEFAULT_PAYER_BALANCE,
         payer_address: str = PAYER_ACCOUNT.address,
         state_file: Path | None = None,
+        state_interval_s: int = 1,
         anvil_path: Path | None = None,
         port: int | None = None,
         startup_timeout_s: float = 30.0,
+        block_time_s: float | None = None,
     ) -> None:
         self.payer_balance = payer_balance
+        self.block_time_s = block_time_s
         self.payer_address = payer_address
         self.state_file = state_file
+        self.state_interval_s = state_interval_s
         self._anvil_path = anvil_path
         self._requested_port = port
         self._startup_timeout_s = startup_timeout_s
         self._process: Process | None = None
+        # An anvil started by an earlier process for the same state file, which this one reattached to.
+        self._attached: AnvilRecord | None = None
+        # Whether ``start`` found the chain already running (reattached) rather than launching it.
+        self.reattached = False
         self._stderr: IO[bytes] | None = None
         self._client: httpx.AsyncClient | None = None
         self._rpc_url: str | None = None
         self._request_id = 0
 
     # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def connect(cls, rpc_url: str) -> DevChain:
+        """A handle on a dev chain someone else runs (``imagegate serve``'s): queries and test
+        transactions only; its ``stop`` closes the connection and leaves the chain running."""
+        chain = cls()
+        chain._rpc_url = rpc_url
+        chain._client = httpx.AsyncClient(timeout=10.0, trust_env=False)
+        try:
+            chain_id = int(await chain.rpc("eth_chainId"), 16)
+        except BaseException:
+            await chain.stop()
+            raise
+        if chain_id != CHAIN_ID:
+            await chain.stop()
+            raise DevChainError(f"{rpc_url} reports chain id {chain_id}, expected {CHAIN_ID}")
+        return chain
 
     @property
     def rpc_url(self) -> str:
@@ -373,17 +470,71 @@ class DevChain:
 
     @property
     def pid(self) -> int:
+        if self._attached is not None:
+            return self._attached.pid
         if self._process is None:
             raise DevChainError("the dev chain is not running")
         return self._process.pid
 
     @property
     def running(self) -> bool:
+        if self._attached is not None:
+            return self._attached.alive()
         return self._process is not None and self._process.returncode is None
 
+    @property
+    def record_file(self) -> Path | None:
+        """Where the anvil serving ``state_file`` is recorded (beside it)."""
+        return None if self.state_file is None else self.state_file.with_name(self.state_file.name + ".anvil.json")
+
     async def start(self) -> None:
-        if self._process is not None:
+        if self._process is not None or self._attached is not None:
             raise DevChainError("the dev chain is already running")
+        if self.state_file is None:
+            await self._start_new()
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        # One server at a time decides, for one state file, between reattaching and launching.
+        with open(self.state_file.with_name(self.state_file.name + ".lock"), "w") as lock:  # noqa: ASYNC230
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            try:
+                if not await self._reattach():
+                    await self._start_new()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    async def _reattach(self) -> bool:
+        """Take over the anvil recorded for ``state_file`` if it is still the one that was recorded."""
+        assert self.record_file is not None
+        record = AnvilRecord.read(self.record_file)
+        if record is None or not record.alive():
+            return False
+        self._rpc_url = f"http://127.0.0.1:{record.port}"
+        self._client = httpx.AsyncClient(timeout=10.0, trust_env=False)
+        try:
+            chain_id = int(await self.rpc("eth_chainId"), 16)
+            same = (chain_id == record.chain_id == CHAIN_ID and _owns_listening_socket(record.pid, record.port)
+                    and record.alive())
+        except (httpx.HTTPError, DevChainError):
+            same = False
+        if not same:
+            # Our anvil (same pid and start time) that does not answer as recorded: end it, so the
+            # chain restarts from its last dump instead of two anvils writing one state file.
+            await self._client.aclose()
+            self._client, self._rpc_url = None, None
+            await _terminate(record, timeout_s=10.0)
+            return False
+        self._attached = record
+        self.reattached = True
+        try:
+            await self._install_token()
+            await self._fund_payer()
+        except BaseException:
+            await self.stop()
+            raise
+        return True
+
+    async def _start_new(self) -> None:
         anvil = self._anvil_path or find_anvil()
         # A port picked here can be taken before anvil binds it; retry with a new one in that case.
         attempts = 1 if self._requested_port is not None else 3
@@ -406,18 +557,29 @@ class DevChain:
     async def _launch(self, anvil: Path, port: int) -> None:
         command = [str(anvil), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(CHAIN_ID)]
         command.append("--silent")
+        if self.block_time_s is not None:
+            command += ["--block-time", f"{self.block_time_s:g}"]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            command += ["--state", str(self.state_file)]
+            # Dumped periodically too: anvil otherwise writes its state only when it exits cleanly.
+            command += ["--state", str(self.state_file), "--state-interval", str(self.state_interval_s)]
         # stderr goes to a temporary file rather than a pipe that nobody would drain; it is closed in stop().
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        # A persistent chain gets its own session: it outlives a crashed server (to be reattached to),
+        # and the terminal's Ctrl-C reaches only the server, which settles what it owes before stopping it.
         self._process = await asyncio.create_subprocess_exec(
-            *command, stdin=DEVNULL, stdout=DEVNULL, stderr=self._stderr
+            *command, stdin=DEVNULL, stdout=DEVNULL, stderr=self._stderr,
+            start_new_session=self.state_file is not None,
         )
         self._rpc_url = f"http://127.0.0.1:{port}"
         # No proxies: the chain is on loopback and must never be reached through anything else.
         self._client = httpx.AsyncClient(timeout=10.0, trust_env=False)
         await self._wait_until_ready(port)
+        if self.record_file is not None:
+            # Recorded as soon as it answers: a server killed from here on leaves a chain to reattach to.
+            start_ticks = _process_start_ticks(self._process.pid)
+            if start_ticks is not None:  # None: no /proc (not Linux); such a chain is never reattached to
+                AnvilRecord(self._process.pid, start_ticks, port, CHAIN_ID).write(self.record_file)
 
     async def _wait_until_ready(self, port: int) -> None:
         deadline = time.monotonic() + self._startup_timeout_s
@@ -462,6 +624,11 @@ class DevChain:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        attached, self._attached = self._attached, None
+        if attached is not None:
+            await _terminate(attached, timeout_s=timeout_s)
+        if self.record_file is not None and (attached is not None or self._process is not None):
+            self.record_file.unlink(missing_ok=True)
         process, self._process = self._process, None
         if process is not None:
             # ProcessLookupError: it has already exited (e.g. it could not bind its port) and been

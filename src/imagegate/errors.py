@@ -8,14 +8,23 @@ Every error a client can see is an ``ImagegateError``; ``app`` turns it into
     │   ├── InvalidParameter        INVALID_PARAMETER
     │   ├── InvalidDimensions       INVALID_DIMENSIONS
     │   └── InvalidModel            INVALID_MODEL
+    ├── Unauthorized (401)          UNAUTHORIZED
+
+    ├── Forbidden (403)             FORBIDDEN
     ├── NotFound (404)              NOT_FOUND
     ├── MethodNotAllowed (405)      METHOD_NOT_ALLOWED
+    ├── Conflict (409)              CONFLICT
+    │   └── JobNotCancellable       JOB_NOT_CANCELLABLE
+    ├── JobExpired (410)            JOB_EXPIRED
     ├── PaymentRequired (402)       PAYMENT_REQUIRED
+    ├── RateLimited (429)           RATE_LIMITED
     ├── ServiceUnavailable (503)
     │   ├── ModelUnavailable        MODEL_UNAVAILABLE
     │   ├── ModelBusy               MODEL_BUSY
     │   ├── PaymentUnavailable      PAYMENT_UNAVAILABLE
-    │   └── UpstreamUnavailable     UPSTREAM_UNAVAILABLE
+    │   ├── UpstreamUnavailable     UPSTREAM_UNAVAILABLE
+    │   ├── GenerationTimedOut      GENERATION_TIMEOUT
+    │   └── ServerDraining          SERVER_DRAINING
     ├── SettlementFailed (402)      SETTLEMENT_FAILED
     ├── SettlementPending (202)     SETTLEMENT_PENDING
     ├── GenerationFailed (500)      INTERNAL_ERROR
@@ -75,6 +84,20 @@ class InvalidModel(InvalidRequest):
     code = "INVALID_MODEL"
 
 
+class Unauthorized(ImagegateError):
+    """A route behind a bearer token (``GET /metrics`` when ``[metrics]`` has one) without the right token."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+class Forbidden(ImagegateError):
+    status = 403
+    code = "FORBIDDEN"
+
+
 class NotFound(ImagegateError):
     status = 404
     code = "NOT_FOUND"
@@ -83,6 +106,25 @@ class NotFound(ImagegateError):
 class MethodNotAllowed(ImagegateError):
     status = 405
     code = "METHOD_NOT_ALLOWED"
+
+
+class Conflict(ImagegateError):
+    status = 409
+    code = "CONFLICT"
+
+
+class JobNotCancellable(Conflict):
+    """The job's images are rendered (it is settling or finished): cancelling would lose paid work."""
+
+    code = "JOB_NOT_CANCELLABLE"
+
+
+class JobExpired(ImagegateError):
+    """A job that could not finish within its time (its wait limit or its payment's validity): stopped,
+    nothing charged. The error body of an expired job."""
+
+    status = 410
+    code = "JOB_EXPIRED"
 
 
 class PaymentRequired(ImagegateError):
@@ -107,6 +149,17 @@ class PaymentRequired(ImagegateError):
         # x402 v1 clients read x402Version/accepts from the body; error/message are ours.
         return {**self.challenge_body, "error": self.code, "message": self.message, "reason": self.reason,
                 "details": self.details}
+
+
+class RateLimited(ImagegateError):
+    """Too many unpaid requests of one kind from one client (``[limits]``); Retry-After says when to retry."""
+
+    status = 429
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after: int, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details=details, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
 
 
 class SettlementFailed(ImagegateError):
@@ -153,6 +206,19 @@ class PaymentUnavailable(ServiceUnavailable):
 
 class UpstreamUnavailable(ServiceUnavailable):
     code = "UPSTREAM_UNAVAILABLE"
+
+
+class GenerationTimedOut(ServiceUnavailable):
+    """The render ran past its deadline and was cancelled; nothing was charged."""
+
+    code = "GENERATION_TIMEOUT"
+
+
+class ServerDraining(ServiceUnavailable):
+    """The server is shutting down: no new paid work, or paid work cut at the end of the grace period
+    (its payment released, so the same payment works again)."""
+
+    code = "SERVER_DRAINING"
 
 
 class GenerationFailed(ImagegateError):

@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegate import validation
+from imagegate.catalog import SPEC_MAX_GUIDANCE, SPEC_MAX_STEPS, SPEC_MIN_GUIDANCE, SPEC_MIN_STEPS, Catalog, ModelSpec
+
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -96,3 +99,83 @@ def input_schema() -> dict[str, Any]:
 @cache
 def output_schema() -> dict[str, Any]:
     return GenerateResponse.model_json_schema()
+
+
+class PaymentRequiredBody(ErrorBody):
+    """The 402 answer: the error format plus the x402 v1 challenge (v2 clients read the PAYMENT-REQUIRED
+    header); also the shape of SETTLEMENT_FAILED."""
+
+    x402Version: int | None = Field(default=None, description="1: ``accepts`` holds the v1 payment requirements")
+    accepts: list[dict[str, Any]] | None = None
+    reason: str | None = Field(default=None, examples=["payment_required", "invalid_exact_evm_insufficient_balance"])
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(examples=["invalid_request_error", "payment_required", "server_error"])
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """The errors of the OpenAI-compatible route, in OpenAI's format; its 402 also carries the x402 v1
+    challenge (v2 clients read the PAYMENT-REQUIRED header)."""
+
+    error: OpenAIError
+    x402Version: int | None = None
+    accepts: list[dict[str, Any]] | None = None
+
+
+# Python's str.isspace and the regex class \S agree, so "more than whitespace" is exactly this pattern.
+NOT_BLANK = r"\S"
+# outputFormat is matched case-insensitively and "jpg" means jpeg.
+OUTPUT_FORMAT_PATTERN = "^([pP][nN][gG]|[wW][eE][bB][pP]|[jJ][pP][eE]?[gG])$"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """``null`` is accepted wherever a field is optional: it means "the default"."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def request_body_schema(catalog: Catalog, *, require_prompt: bool) -> dict[str, Any]:
+    """The request body as ``validation.parse_image_request`` accepts it, for the catalog being served.
+
+    One variant per model (``oneOf``, told apart by ``model``): each carries that model's own rules
+    (its steps range; null only where it takes no steps, guidance or negative prompt). A body without
+    ``model`` (or with null) is the default model's.
+    """
+    return {"oneOf": [_model_variant(catalog, spec, require_prompt=require_prompt) for spec in catalog.values()]}
+
+
+def _model_variant(catalog: Catalog, spec: ModelSpec, *, require_prompt: bool) -> dict[str, Any]:
+    prompt = {"type": "string", "minLength": validation.MIN_PROMPT, "maxLength": validation.MAX_PROMPT,
+              "pattern": NOT_BLANK, "description": "Text description of the image to generate"}
+    side = {"type": "integer", "minimum": validation.MIN_SIDE, "maximum": validation.MAX_SIDE,
+            "multipleOf": validation.SIDE_MULTIPLE}
+    unsupported = {"type": "null", "description": f"{spec.id} does not take this parameter"}
+    properties: dict[str, Any] = {
+        "prompt": prompt if require_prompt else _nullable(prompt),
+        "model": ({"enum": [spec.id, None]} if spec.id == catalog.default_model else {"const": spec.id})
+        | {"description": spec.name},
+        "width": _nullable({**side, "default": spec.default_width}),
+        "height": _nullable({**side, "default": spec.default_height}),
+        "numberResults": _nullable({"type": "integer", "minimum": validation.MIN_RESULTS,
+                                    "maximum": validation.MAX_RESULTS, "default": 1}),
+        "negativePrompt": _nullable({"type": "string", "maxLength": validation.MAX_NEGATIVE_PROMPT})
+        if spec.supports_negative_prompt else unsupported,
+        "steps": _nullable({"type": "integer", "minimum": max(spec.steps.min, SPEC_MIN_STEPS),
+                            "maximum": min(spec.steps.max, SPEC_MAX_STEPS), "default": spec.steps.default})
+        if spec.steps.supported else unsupported,
+        "guidance": _nullable({"type": "number", "minimum": SPEC_MIN_GUIDANCE, "maximum": SPEC_MAX_GUIDANCE,
+                               "description": "CFG scale"})
+        if spec.supports_guidance else unsupported,
+        "seed": _nullable({"type": "integer", "minimum": 0, "maximum": validation.MAX_SEED,
+                           "description": "Image i uses seed + i"}),
+        "outputFormat": _nullable({"type": "string", "pattern": OUTPUT_FORMAT_PATTERN,
+                                   "description": "png, webp or jpeg (jpg); server default: png"}),
+    }
+    required = ["prompt"] if require_prompt else []
+    if spec.id != catalog.default_model:
+        required.append("model")
+    return {"title": spec.id, "type": "object", "properties": properties, "required": required,
+            "additionalProperties": False}

@@ -52,10 +52,12 @@ def make_catalog(
     tables = tiny_catalog_tables(dirs)
     for model_id, table in (models or {}).items():
         tables[model_id] = {**tables.get(model_id, {}), **table}
+    workers = {"max_queue": diffusers.pop("max_queue")} if "max_queue" in diffusers else {}
     settings = load_settings(
         models=tables,
         catalog={"default_model": "flux-schnell"},
         diffusers={"cpu_threads": CPU_THREADS, **diffusers},
+        workers=workers,
     )
     return build_catalog(settings), settings
 

@@ -251,12 +251,17 @@ async def test_uncached_hub_model_with_downloads_is_available(
 ) -> None:
     import huggingface_hub.constants
 
-    # Only the availability check runs (it never touches the network); nothing is downloaded.
+    from tests.support.fake_hub import fake_hub
+
+    # Only the availability check runs, probing a loopback stand-in for the hub; nothing is downloaded.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    catalog, backend = await make_backend(models={"sd-turbo": {"source": UNCACHED_REPO}}, allow_downloads=True)
-    availability = await backend.availability(catalog["sd-turbo"])
+    with fake_hub("serving") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        catalog, backend = await make_backend(models={"sd-turbo": {"source": UNCACHED_REPO}}, allow_downloads=True)
+        availability = await backend.availability(catalog["sd-turbo"])
     assert availability.available and "first use" in (availability.reason or "")
+    assert hub.requests == [("HEAD", f"/{UNCACHED_REPO}/resolve/main/model_index.json")]
 
 
 @pytest.mark.parametrize(
@@ -350,11 +355,10 @@ async def test_queue_overflow_is_model_busy_with_retry_after(make_backend: Backe
     with pytest.raises(ModelBusy) as raised:
         await backend.generate(job(spec))
     assert raised.value.status == 503 and raised.value.headers["Retry-After"].isdigit()
-    availability = await backend.availability(spec)
-    assert not availability.available and availability.retry_after is not None
+    # A full queue is busy, not unavailable: the model stays listed as available.
+    assert (await backend.availability(spec)).available
     backend.gate.set()
     await asyncio.gather(running, queued)
-    assert (await backend.availability(spec)).available
 
 
 async def test_cancelled_request_keeps_its_slot_until_its_thread_ends(make_backend: BackendFactory) -> None:

@@ -21,6 +21,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "LOCAL TEST CHAIN" in output
+    assert re.search(r"Playground for people: http://127\.0\.0\.1:\d+/", output), output
     transaction = re.search(r"transaction (0x[0-9a-f]{64})", output)
     assert transaction, output
     images = sorted((tmp_path / "out").glob("*.png"))

@@ -25,9 +25,10 @@ from eth_account import Account
 from imagegate import devchain
 from imagegate.app import app_from_settings
 from imagegate.payments.client import post_with_payment
+from imagegate.payments.x402 import MIN_VALIDITY_LEFT_S
 from tests.integration.conftest import tiny_settings
 from tests.support.payments import Terms, decode_header, sign, v1_header, v2_header
-from tests.support.server import free_port, live_server
+from tests.support.server import free_port, live_server, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = REPO / "tests" / "integration" / "clients"
@@ -410,6 +411,39 @@ async def test_unknown_settlement_outcome_is_reconciled_not_charged_twice(
                 assert await chain.balance_of(PAYER.address) == before - amount
 
 
+async def test_a_known_payment_close_to_expiry_gets_its_outcome_not_a_402(
+        chain: devchain.DevChain, tmp_path: Path, tiny_model_paths: dict[str, Path]) -> None:
+    """A payment must have MIN_VALIDITY_LEFT_S of validity left to be taken on (to render and settle in),
+    not to be answered: resent in its last seconds, one whose transfer is still in the mempool stays 202
+    SETTLEMENT_PENDING (a 402 would invite a second signature while the first may still land), and a
+    settled one returns its images."""
+    settings = paid_settings(tmp_path, tiny_model_paths, chain.rpc_url, confirmation_timeout_s=1)
+    with live_server(app_from_settings(settings)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, trust_env=False) as client:
+            amount = await estimate_amount(client, SMALL)
+            # Its last MIN_VALIDITY_LEFT_S seconds begin 10 s from now.
+            terms = Terms(amount, valid_before=int(time.time()) + MIN_VALIDITY_LEFT_S + 10)
+            headers = v2_header(terms, sign(terms))
+            before = await chain.balance_of(PAYER.address)
+            await chain.rpc("evm_setAutomine", False)  # the transfer waits in the mempool
+            try:
+                pending = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+                assert pending.status_code == 202 and pending.json()["error"] == "SETTLEMENT_PENDING", pending.text
+                await asyncio.sleep(max(0.0, terms.valid_before - MIN_VALIDITY_LEFT_S + 1 - time.time()))
+                still = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+                assert still.status_code == 202 and still.json()["error"] == "SETTLEMENT_PENDING", still.text
+            finally:
+                await chain.rpc("evm_setAutomine", True)
+                await chain.mine()
+            assert terms.valid_before - time.time() < MIN_VALIDITY_LEFT_S
+            settled = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+            assert settled.status_code == 200, settled.text
+            again = await client.post("/v1/images/generate", json=SMALL, headers=headers)
+            assert again.status_code == 200 and again.json()["id"] == settled.json()["id"], again.text
+            assert (await client.get(settled.json()["images"][0]["url"])).status_code == 200
+            assert await chain.balance_of(PAYER.address) == before - amount
+
+
 async def test_generate_command_shows_the_price_caps_it_and_pays(api: str, chain: devchain.DevChain,
                                                                 tmp_path: Path) -> None:
     key_file = tmp_path / "payer.key"
@@ -435,19 +469,6 @@ def _serve(config: Path, port: int) -> subprocess.Popen[bytes]:
                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def _wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
-        for _ in range(600):
-            assert process.poll() is None, "imagegate serve exited"
-            try:
-                if (await client.get(f"{url}/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(url)
-
-
 async def test_a_server_killed_while_settling_recovers_the_paid_images(
         facilitator_url: str, chain: devchain.DevChain, tmp_path: Path, tiny_model_paths: dict[str, Path]) -> None:
     with live_server(slow_settle_proxy(facilitator_url, delay_s=60)) as proxy_url:
@@ -470,7 +491,9 @@ memory_gb = 0.05
 mode = "network"
 reconcile_rpc_url = "{chain.rpc_url}"
 reconcile_interval_s = 0.5
-stale_after_s = 2
+# Longer than the request takes on a loaded machine (model load + render): a live request's payment
+# is never stale (a stale reserved payment is released, and its request then refuses to settle it).
+stale_after_s = 10
 [[payments.options]]
 network = "base-sepolia"
 pay_to = "{PAY_TO}"
@@ -483,7 +506,7 @@ timeout_s = 120
         url = f"http://127.0.0.1:{port}"
         server = _serve(config, port)
         try:
-            await _wait_up(url, server)
+            await wait_healthy(url, server)
             async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
                 amount = await estimate_amount(client, SMALL)
                 terms = Terms(amount)
@@ -506,9 +529,9 @@ timeout_s = 120
 
         restarted = _serve(config, port)
         try:
-            await _wait_up(url, restarted)
+            await wait_healthy(url, restarted)
             async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
-                for _ in range(100):  # the reconciler runs every 0.5 s once the record is 2 s stale
+                for _ in range(160):  # the reconciler runs every 0.5 s once the record is 10 s stale
                     response = await client.post("/v1/images/generate", json=SMALL, headers=headers)
                     if response.status_code == 200:
                         break

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,3 +68,14 @@ def v2_header(terms: Terms, payload: dict[str, Any]) -> dict[str, str]:
 def decode_header(value: str) -> dict[str, Any]:
     decoded: dict[str, Any] = json.loads(base64.b64decode(value))
     return decoded
+
+
+@contextlib.asynccontextmanager
+async def mining_paused(chain: devchain.DevChain) -> AsyncIterator[None]:
+    """Transfers wait in the mempool until the block ends (then they are mined)."""
+    await chain.rpc("evm_setAutomine", False)
+    try:
+        yield
+    finally:
+        await chain.rpc("evm_setAutomine", True)
+        await chain.mine()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -39,3 +42,23 @@ def live_server(app: Any, *, startup_timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+async def wait_healthy(url: str, process: subprocess.Popen[bytes], *, timeout_s: float = 180,
+                       exited: Callable[[], str] | None = None) -> float:
+    """Seconds until ``url``/healthz answers 200 from the ``imagegate serve`` ``process``; fails as soon as
+    the process exits (with ``exited()`` as the message, e.g. its log), or after ``timeout_s``."""
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+        while time.monotonic() - started < timeout_s:
+            if process.poll() is not None:
+                raise RuntimeError(f"imagegate serve exited ({process.returncode})"
+                                   + (f"; log:\n{exited()}" if exited is not None else ""))
+            try:
+                if (await client.get(f"{url}/healthz")).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s"
+                       + (f"; log:\n{exited()}" if exited is not None else ""))

@@ -50,12 +50,21 @@ def test_testnet_and_devchain_are_allowed() -> None:
 
 
 def test_serve_refuses_loudly(tmp_path: Path) -> None:
+    import logging
+
     from typer.testing import CliRunner
 
     from imagegate.cli import cli
 
     config = tmp_path / "imagegate.toml"
     config.write_text('[payments]\nmode = "network"\n[[payments.options]]\nnetwork = "base"\n')
-    result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
+    finally:
+        # `serve` routes logging to the runner's stderr, which is closed once the runner returns.
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert result.exit_code == 2
     assert "Refusing to start" in result.output

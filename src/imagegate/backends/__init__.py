@@ -63,6 +63,11 @@ class Backends:
             self._instances[name] = self._factories[name](self._settings)
         return self._instances[name]
 
+    def loaded_model_bytes(self) -> dict[str, int]:
+        """Every model the created backends hold in memory, with its bytes."""
+        return {model: size for backend in self._instances.values()
+                for model, size in backend.loaded_model_bytes().items()}
+
     async def aclose(self) -> None:
         for backend in self._instances.values():
             await backend.aclose()

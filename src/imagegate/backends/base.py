@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +11,14 @@ from PIL.Image import Image
 
 from imagegate.catalog import ModelSpec
 from imagegate.types import ImageRequest
+
+# ``on_step(steps_done, total_steps)``: called from whichever thread renders, after each denoising step.
+# It may raise ``RenderCancelled`` to stop the render there.
+StepCallback = Callable[[int, int], None]
+
+
+class RenderCancelled(Exception):
+    """Raised by a step callback to stop a render whose result nobody waits for any more."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,41 @@ class Backend(ABC):
         """Whether ``spec`` can run here right now, and why not; cheap, no model loading."""
 
     @abstractmethod
-    async def generate(self, job: GenerationJob) -> GenerationResult:
-        """Render ``len(job.seeds)`` images, in seed order."""
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
+        """Render ``len(job.seeds)`` images, in seed order, reporting denoising steps to ``on_step``
+        where the backend can see them."""
+
+    async def generate_batch(self, jobs: list[GenerationJob],
+                             on_step: StepCallback | None = None) -> list[GenerationResult]:
+        """Render several compatible jobs (same model, size, steps, guidance, and all or none with a
+        negative prompt), one result per job in order; each image still comes from its own seed.
+
+        Backends that can put them in one pipeline call override this; by default they run one after
+        the other, their steps counted together.
+        """
+        total_steps = sum(job.steps for job in jobs)
+        results: list[GenerationResult] = []
+        done_before = 0
+        for job in jobs:
+            results.append(await self.generate(job, on_step=_offset_steps(on_step, done_before, total_steps)))
+            done_before += job.steps
+        return results
+
+    def loaded_model_bytes(self) -> dict[str, int]:
+        """Model ids held in memory by this backend, with their bytes."""
+        return {}
 
     async def aclose(self) -> None:
         """Release models, connections and threads."""
+
+
+def _offset_steps(on_step: StepCallback | None, done_before: int, total_steps: int) -> StepCallback | None:
+    """``on_step`` for one job of several run in turn: steps counted across all of them."""
+    if on_step is None:
+        return None
+    report = on_step
+
+    def offset_step(step: int, steps: int) -> None:
+        report(done_before + step, total_steps)
+
+    return offset_step

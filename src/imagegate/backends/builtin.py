@@ -45,9 +45,16 @@ def _openai(settings: Settings) -> Backend:
     return OpenAIBackend(settings)
 
 
+def _simulated(settings: Settings) -> Backend:
+    from imagegate.backends.simulated import SimulatedBackend
+
+    return SimulatedBackend(settings)
+
+
 @hookimpl
 def register_backends(register: Register) -> None:
     register("diffusers", _diffusers)
+    register("simulated", _simulated)
     register("runware", _runware)
     register("fal", _fal)
     register("replicate", _replicate)

@@ -5,13 +5,17 @@ A generation goes through the numbered steps of ``DiffusersBackend.generate``:
 
 1. Check that the model can run here at all (device, memory budget, weights present).
 2. Admission: wait for one of the model's ``max_concurrency`` run slots, in a queue of at most
-   ``diffusers.max_queue`` requests; beyond it, 503 MODEL_BUSY with Retry-After.
+   ``workers.max_queue`` requests; beyond it, 503 MODEL_BUSY with Retry-After. (The engine admits
+   requests before payment against the same bound; this one guards direct use of the backend.)
 3. Load the pipeline on first use (once, however many requests arrive together) and keep it,
    evicting least recently used idle pipelines to stay within the memory budget.
 4. Map the request onto the pipeline's ``__call__`` parameters, by the catalog's guidance and
    negative-prompt modes.
 5. Render in a worker thread: one batched call for all images (or one call per image, with
-   ``options.batch_images = false``), one CPU generator per image.
+   ``options.batch_images = false``), one CPU generator per image; each denoising step is reported
+   through the pipeline's ``callback_on_step_end``, which can also stop the render there.
+   ``generate_batch`` puts compatible jobs of different clients (Ray workers' dynamic batching)
+   into that one call, with one prompt, negative prompt and generator per image.
 6. Return the images in seed order.
 
 Reproducibility: image i's initial noise comes only from ``seeds[i]`` (its own generator). The same
@@ -36,17 +40,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import httpx
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # exported lazily
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from imagegate.backends.base import Availability, Backend, GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import (
+    Availability,
+    Backend,
+    GenerationJob,
+    GenerationResult,
+    RenderCancelled,
+    RenderedImage,
+    StepCallback,
+)
 from imagegate.catalog import ModelSpec
 from imagegate.config import Settings
 from imagegate.errors import GenerationFailed, ModelBusy, ModelUnavailable
@@ -80,6 +94,51 @@ class DiffusersOptions(BaseModel):
     # False: one pipeline call per image, so any image re-renders bit for bit from its seed alone
     # (numberResults=1); batched kernels round differently per batch size. Costs GPU throughput.
     batch_images: bool = True
+    # Speed settings of the denoiser (the transformer or UNet), applied at load; bench/bench_gpu.py
+    # measures them. Attention kernels from diffusers' dispatcher ("native", "flash", "_flash_3",
+    # "sage", ...; None: PyTorch's scaled_dot_product_attention).
+    attention_backend: str | None = None
+    # torch.compile of the denoiser's repeated blocks ("default", "max-autotune-no-cudagraphs";
+    # "reduce-overhead" also replays CUDA graphs). Each new size compiles again on first use.
+    compile: Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "off"
+    # FP8 weights and matmuls in the denoiser (torchao's float8 dynamic quantization; CUDA GPUs of
+    # compute capability 8.9 or newer, e.g. L40S, H100, H200).
+    fp8: bool = False
+    # Decode images larger than the VAE's own size (1024 px for FLUX and SDXL) in overlapping tiles:
+    # 2048x2048 then decodes in a fraction of the memory.
+    vae_tiling: bool = False
+
+
+def apply_speed_options(pipeline: Any, options: DiffusersOptions, device: torch.device) -> None:
+    """Apply ``options``' speed settings to a loaded pipeline's denoiser (raises ValueError when the
+    machine cannot honour one)."""
+    if options.vae_tiling:
+        pipeline.vae.enable_tiling()
+    denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+    if denoiser is None:
+        if options.attention_backend or options.compile != "off" or options.fp8:
+            raise ValueError(f"{type(pipeline).__name__} has no transformer or UNet to speed up")
+        return
+    if options.fp8:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError("fp8 needs a CUDA GPU of compute capability 8.9 or newer")
+        try:
+            from torchao.quantization import (  # type: ignore[import-not-found]
+                Float8DynamicActivationFloat8WeightConfig,
+                quantize_,
+            )
+        except ImportError as exc:
+            raise ValueError("fp8 needs torchao (pip install torchao)") from exc
+        quantize_(denoiser, Float8DynamicActivationFloat8WeightConfig())
+    if options.attention_backend:
+        denoiser.set_attention_backend(options.attention_backend)
+    if options.compile != "off":
+        # Regional compilation: the repeated blocks compile once and are reused, minutes faster
+        # to compile than the whole model for the same speed; falls back to the whole model.
+        if getattr(denoiser, "_repeated_blocks", None):
+            denoiser.compile_repeated_blocks(mode=options.compile, fullgraph=True)
+        else:
+            denoiser.compile(mode=options.compile)
 
 
 @dataclass
@@ -129,6 +188,19 @@ class _ModelState:
         )
 
 
+@dataclass
+class _HubProbe:
+    """What the hub said about one repo, and when; the probe under way, and the next one's timer."""
+
+    result: Availability | None = None
+    checked_at: float = 0.0
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def stale(self, interval_s: float) -> bool:
+        return time.monotonic() - self.checked_at >= interval_s
+
+
 class _RunLease:
     """What a run holds (slot, pin, view), released once, and never while its thread still runs.
 
@@ -153,7 +225,7 @@ class _RunLease:
             self._release_now()
 
     def _release_after_work(self, work: asyncio.Future[Any]) -> None:
-        if not work.cancelled() and work.exception() is not None:
+        if not work.cancelled() and work.exception() is not None and not isinstance(work.exception(), RenderCancelled):
             log.warning("a cancelled generation failed in its worker thread: %r", work.exception())
         self._release_now()
 
@@ -168,6 +240,7 @@ class DiffusersBackend(Backend):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings.diffusers
+        self._max_queue = settings.workers.max_queue
         # Pinning the thread count makes seeds reproduce bit for bit (results differ between counts).
         if self._settings.cpu_threads is not None:
             torch.set_num_threads(self._settings.cpu_threads)
@@ -178,23 +251,20 @@ class DiffusersBackend(Backend):
         # Serialises loads and evictions, so two loads never both count on the same free memory.
         self._memory_lock = asyncio.Lock()
         self._budgets: dict[str, int] = {}
+        # Repo id -> whether the hub serves it now, for models whose weights would be downloaded.
+        self._hub_probes: dict[str, _HubProbe] = {}
 
     # ---------------------------------------------------------------------------------------------
     # 1. Can the model run here at all?
     # ---------------------------------------------------------------------------------------------
 
     async def availability(self, spec: ModelSpec) -> Availability:
+        # A full queue is not unavailability: the engine answers it with MODEL_BUSY at admission.
         static = self._static_availability(spec)
-        if not static.available:
+        if not static.available or not self._downloads_from_hub(spec):
             return static
-        state = self._states.get(spec.id)
-        if state is not None and self._queue_full(state):
-            return Availability(
-                False,
-                f"busy: {state.waiting} requests are already waiting for this model",
-                retry_after=self._retry_after(spec, state),
-            )
-        return static
+        # Weights that would come from the hub are only as available as the hub is, right now.
+        return await self._hub_probe(spec.source)
 
     def _static_availability(self, spec: ModelSpec) -> Availability:
         """Everything but load: options, device, memory budget and weights on disk (no loading)."""
@@ -221,6 +291,15 @@ class DiffusersBackend(Backend):
             return Availability(False, f"no diffusers pipeline at {local} ({MODEL_INDEX} is missing)")
         return self._hub_availability(spec.source)
 
+    def _downloads_from_hub(self, spec: ModelSpec) -> bool:
+        """The spec's weights are neither a local directory nor in the local hub cache."""
+        if spec.local_path() is not None:
+            return False
+        try:
+            return not isinstance(try_to_load_from_cache(spec.source, MODEL_INDEX), str)
+        except HFValidationError:
+            return False
+
     def _hub_availability(self, repo_id: str) -> Availability:
         try:
             cached = try_to_load_from_cache(repo_id, MODEL_INDEX)
@@ -235,6 +314,68 @@ class DiffusersBackend(Backend):
         if _hub_offline():
             return Availability(False, f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
         return Availability(True, f"{repo_id} downloads from the Hugging Face hub on first use")
+
+    async def _hub_probe(self, repo_id: str) -> Availability:
+        """The last probe of ``repo_id`` on the hub; the first one is awaited (its timeout is short)."""
+        probe = self._hub_probes.get(repo_id)
+        if probe is None:
+            probe = self._hub_probes[repo_id] = _HubProbe()
+        if probe.task is None and (probe.result is None or probe.stale(self._settings.hub_probe_interval_s)):
+            self._start_probe(repo_id, probe)
+        if probe.result is None:
+            assert probe.task is not None
+            await asyncio.shield(probe.task)
+        assert probe.result is not None
+        return probe.result
+
+    def _start_probe(self, repo_id: str, probe: _HubProbe) -> None:
+        if probe.timer is not None:
+            probe.timer.cancel()
+            probe.timer = None
+        probe.task = asyncio.get_running_loop().create_task(self._run_probe(repo_id, probe), name=f"probe {repo_id}")
+
+    async def _run_probe(self, repo_id: str, probe: _HubProbe) -> None:
+        try:
+            previous, probe.result = probe.result, await self._probe_hub(repo_id)
+            probe.checked_at = time.monotonic()
+            if previous is None or previous.available != probe.result.available:
+                log.log(logging.INFO if probe.result.available else logging.WARNING, "%s", probe.result.reason)
+        finally:
+            probe.task = None
+        # Re-probed periodically, so the listing follows the hub even when nobody asks.
+        probe.timer = asyncio.get_running_loop().call_later(
+            self._settings.hub_probe_interval_s, self._start_probe, repo_id, probe)
+
+    def _reprobe(self, repo_id: str) -> None:
+        """After a failed load: ask the hub again now (the model may have just become unavailable)."""
+        probe = self._hub_probes.get(repo_id)
+        if probe is not None and probe.task is None:
+            self._start_probe(repo_id, probe)
+
+    async def _probe_hub(self, repo_id: str) -> Availability:
+        """Whether the hub at ``HF_ENDPOINT`` would serve ``repo_id``'s pipeline now: one HEAD request
+        for its model_index.json, with the credentials a download would use, and a short timeout."""
+        endpoint = (os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
+        url = hf_hub_url(repo_id, MODEL_INDEX, endpoint=endpoint)
+        unavailable = f"{repo_id} is not in the local Hugging Face cache and"
+        retry_after = math.ceil(min(self._settings.hub_probe_interval_s, MAX_RETRY_AFTER_S))
+        # httpx rather than huggingface_hub's own HEAD helper: its transport errors come from the
+        # hub library's private HTTP client, and a probe must tell them from the hub's answers.
+        try:
+            async with httpx.AsyncClient(timeout=self._settings.hub_probe_timeout_s) as http:
+                response = await http.head(url, headers=build_hf_headers())
+        except httpx.HTTPError as exc:
+            return Availability(False, f"{unavailable} the hub at {endpoint} is unreachable ({_brief(exc)})",
+                                retry_after=retry_after)
+        if response.status_code < 400:  # 200, or a redirect to where the file is stored
+            return Availability(True, f"{repo_id} downloads from the Hugging Face hub ({endpoint}) on first use")
+        if response.status_code in (401, 403):
+            reason = "the hub refuses access to it (a gated model needs an HF_TOKEN with access)"
+        elif response.status_code == 404:
+            reason = "the hub has no such pipeline"
+        else:
+            reason = f"the hub at {endpoint} answered {response.status_code}"
+        return Availability(False, f"{unavailable} {reason}", retry_after=retry_after)
 
     def _device_problem(self, spec: ModelSpec) -> str | None:
         if spec.requires_cuda and not torch.cuda.is_available():
@@ -283,8 +424,28 @@ class DiffusersBackend(Backend):
     # The generation, step by step.
     # ---------------------------------------------------------------------------------------------
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
-        spec = job.spec
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
+        images = await self._generate(job.spec, [job], partial(self._pipeline_calls, job), on_step)
+        return GenerationResult(
+            images=[RenderedImage(image, seed) for image, seed in zip(images, job.seeds, strict=True)]
+        )
+
+    async def generate_batch(self, jobs: list[GenerationJob],
+                             on_step: StepCallback | None = None) -> list[GenerationResult]:
+        """Compatible jobs from different clients in one pipeline call (per-image prompts, negative
+        prompts and generators), so image i of job j still comes from its own seed alone."""
+        if len(jobs) == 1:
+            return [await self.generate(jobs[0], on_step)]
+        images = iter(await self._generate(jobs[0].spec, jobs, partial(self._batch_calls, jobs), on_step))
+        return [
+            GenerationResult(images=[RenderedImage(next(images), seed) for seed in job.seeds])
+            for job in jobs
+        ]
+
+    async def _generate(self, spec: ModelSpec, jobs: list[GenerationJob],
+                        pipeline_calls: Callable[[LoadedPipeline], list[dict[str, Any]]],
+                        on_step: StepCallback | None) -> list[Image]:
+        """Steps 1-6 for the images of ``jobs`` (one job, or a compatible batch), in seed order."""
         # 1. Refuse what cannot run here (no loading yet).
         static = self._static_availability(spec)
         if not static.available:
@@ -307,7 +468,9 @@ class DiffusersBackend(Backend):
             lease.on_release(partial(loaded.return_view, view))
 
             # 4. The request as the pipeline's keyword arguments.
-            calls = self._pipeline_calls(job, loaded)
+            calls = pipeline_calls(loaded)
+            if on_step is not None and "callback_on_step_end" in loaded.call_parameters:
+                calls = _with_step_callbacks(calls, jobs[0].steps, on_step)
 
             # 5. Render in a worker thread; the event loop keeps serving.
             started = time.perf_counter()
@@ -319,14 +482,13 @@ class DiffusersBackend(Backend):
             lease.release()
 
         # 6. One image per seed, in seed order.
-        if len(images) != len(job.seeds):
+        seeds = sum(len(job.seeds) for job in jobs)
+        if len(images) != seeds:
             raise GenerationFailed(
-                f"Model {spec.id!r} returned {len(images)} images for {len(job.seeds)} seeds",
+                f"Model {spec.id!r} returned {len(images)} images for {seeds} seeds",
                 details={"model": spec.id},
             )
-        return GenerationResult(
-            images=[RenderedImage(image, seed) for image, seed in zip(images, job.seeds, strict=True)]
-        )
+        return images
 
     # 2. Admission -------------------------------------------------------------------------------
 
@@ -336,7 +498,7 @@ class DiffusersBackend(Backend):
         return self._states[spec.id]
 
     def _queue_full(self, state: _ModelState) -> bool:
-        return state.slots.locked() and state.waiting >= self._settings.max_queue
+        return state.slots.locked() and state.waiting >= self._max_queue
 
     def _retry_after(self, spec: ModelSpec, state: _ModelState) -> int:
         if state.seconds_per_run is None:
@@ -385,6 +547,9 @@ class DiffusersBackend(Backend):
                 pipeline = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._load_blocking, spec.source, device, dtype
                 )
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, apply_speed_options, pipeline, self._options(spec), device
+                )
             except torch.OutOfMemoryError as exc:
                 _release_cached_memory()
                 raise ModelUnavailable(
@@ -397,6 +562,7 @@ class DiffusersBackend(Backend):
             # classes, safetensors and hub errors): all of them mean the model cannot load here.
             except Exception as exc:
                 log.exception("loading %s from %s failed", spec.id, spec.source)
+                self._reprobe(spec.source)
                 raise ModelUnavailable(
                     f"Model {spec.id!r} could not be loaded from {spec.source}: {_brief(exc)}",
                     details={"model": spec.id},
@@ -491,6 +657,9 @@ class DiffusersBackend(Backend):
         """Model ids in memory, least recently used first."""
         return list(self._loaded)
 
+    def loaded_model_bytes(self) -> dict[str, int]:
+        return {model_id: loaded.nbytes for model_id, loaded in self._loaded.items()}
+
     # 4. Parameter mapping -----------------------------------------------------------------------
 
     def _pipeline_calls(self, job: GenerationJob, loaded: LoadedPipeline) -> list[dict[str, Any]]:
@@ -499,6 +668,33 @@ class DiffusersBackend(Backend):
         if self._options(job.spec).batch_images:
             return [{**base, "num_images_per_prompt": len(job.seeds), "generator": _generators(job.seeds)}]
         return [{**base, "num_images_per_prompt": 1, "generator": _generators((seed,))} for seed in job.seeds]
+
+    def _batch_calls(self, jobs: list[GenerationJob], loaded: LoadedPipeline) -> list[dict[str, Any]]:
+        """Several jobs' images as pipeline calls: one call per image with ``batch_images = false``
+        (each bit-exact with its solo render), else one call with one prompt, negative prompt and
+        generator per image, when the jobs agree on every other argument (as compatible jobs do)."""
+        solo_calls = [call for job in jobs for call in self._pipeline_calls(job, loaded)]
+        if not self._options(jobs[0].spec).batch_images:
+            return solo_calls
+        batched: dict[str, Any] | None = None
+        shared_arguments: tuple[tuple[str, Any], ...] | None = None
+        for job in jobs:
+            arguments = _call_arguments(job, loaded.call_parameters)
+            prompt, negative = arguments.pop("prompt"), arguments.pop("negative_prompt", None)
+            shared = (*sorted(arguments.items()), ("has_negative_prompt", negative is not None))
+            if batched is None:
+                shared_arguments = shared
+                batched = {**arguments, "prompt": [], "generator": [], "num_images_per_prompt": 1}
+                if negative is not None:
+                    batched["negative_prompt"] = []
+            elif shared != shared_arguments:
+                return solo_calls  # not compatible after all: still right, only slower
+            batched["prompt"].extend([prompt] * len(job.seeds))
+            batched["generator"].extend(_generators(job.seeds))
+            if negative is not None:
+                batched["negative_prompt"].extend([negative] * len(job.seeds))
+        assert batched is not None
+        return [batched]
 
     async def pipeline_calls(self, job: GenerationJob) -> tuple[Any, list[dict[str, Any]]]:
         """For benchmarks: the loaded pipeline and the exact keyword arguments ``generate`` would pass.
@@ -528,6 +724,8 @@ class DiffusersBackend(Backend):
         try:
             # Shielded so that cancelling the request leaves ``work`` pending until its thread ends.
             return await asyncio.shield(work)
+        except RenderCancelled:
+            raise
         except torch.OutOfMemoryError as exc:
             _release_cached_memory()
             raise ModelBusy(
@@ -550,6 +748,13 @@ class DiffusersBackend(Backend):
     # ---------------------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
+        probes = [probe.task for probe in self._hub_probes.values() if probe.task is not None]
+        for probe in self._hub_probes.values():
+            if probe.timer is not None:
+                probe.timer.cancel()
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         loads = [state.loading for state in self._states.values() if state.loading is not None]
         for load in loads:
             load.cancel()
@@ -619,6 +824,21 @@ def _call_arguments(job: GenerationJob, accepted: frozenset[str]) -> dict[str, A
             f"(guidance mode {spec.guidance.mode!r}, negative prompt mode {spec.negative_prompt!r})"
         )
     return kwargs
+
+
+def _with_step_callbacks(calls: list[dict[str, Any]], steps: int, on_step: StepCallback) -> list[dict[str, Any]]:
+    """``calls`` reporting their denoising steps, counted across the calls of one generation."""
+    total = steps * len(calls)
+    wrapped = []
+    for index, kwargs in enumerate(calls):
+
+        def callback(pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any],
+                     done_before: int = index * steps) -> dict[str, Any]:
+            on_step(min(done_before + step_index + 1, total), total)
+            return callback_kwargs
+
+        wrapped.append({**kwargs, "callback_on_step_end": callback})
+    return wrapped
 
 
 def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:

@@ -17,7 +17,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage, StepCallback
 from imagegate.backends.provider import (
     ApiKey,
     Limits,
@@ -140,7 +140,7 @@ class FalBackend(ProviderBackend):
         options = FalOptions.of(spec)
         check_limits(f"fal endpoint {spec.source}", spec, request, limits_for(spec.source, options))
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
         options = FalOptions.of(job.spec)
         key = self.api_key()
         # fal reports one seed per request, and the other images of a batch come from seeds it derives

@@ -17,7 +17,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage, StepCallback
 from imagegate.backends.provider import (
     Fault,
     Limits,
@@ -158,7 +158,7 @@ class OpenAIBackend(ProviderBackend):
         if f"{request.width}x{request.height}" not in SIZES[family]:
             raise InvalidParameter(f"{where} produces only these sizes: {', '.join(SIZES[family])}", field="width")
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
         family, options = model_config(job.spec)
         key = self.api_key()
 

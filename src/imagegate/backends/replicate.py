@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, Field, field_validator
 
-from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage, StepCallback
 from imagegate.backends.provider import (
     ApiKey,
     Limits,
@@ -145,7 +145,7 @@ class ReplicateBackend(ProviderBackend):
         if f"{request.width}x{request.height}" not in options.sizes:
             raise InvalidParameter(f"{where} produces only these sizes: {', '.join(options.sizes)}", field="width")
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
         options = ReplicateOptions.of(job.spec)
         key = self.api_key()
         # Replicate reports no seeds, and the other outputs of a batch come from seeds the model derives:

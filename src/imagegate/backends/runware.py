@@ -18,7 +18,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage, StepCallback
 from imagegate.backends.provider import (
     Limits,
     ProviderBackend,
@@ -115,7 +115,7 @@ class RunwareBackend(ProviderBackend):
         RunwareOptions.of(spec)
         check_limits(f"Runware model {spec.source}", spec, request, LIMITS)
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
         options = RunwareOptions.of(job.spec)
         key = self.api_key()
 

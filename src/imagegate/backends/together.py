@@ -14,7 +14,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage
+from imagegate.backends.base import GenerationJob, GenerationResult, RenderedImage, StepCallback
 from imagegate.backends.provider import (
     ApiKey,
     Limits,
@@ -102,7 +102,7 @@ class TogetherBackend(ProviderBackend):
         options = TogetherOptions.of(spec)
         check_limits(f"Together model {spec.source}", spec, request, limits_for(options))
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
+    async def generate(self, job: GenerationJob, on_step: StepCallback | None = None) -> GenerationResult:
         options = TogetherOptions.of(job.spec)
         key = self.api_key()
         # Together reports no seeds, and the other images of a batch (n > 1) come from seeds it derives:

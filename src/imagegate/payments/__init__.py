@@ -15,7 +15,7 @@ from imagegate.config import PaymentOptionSettings, Settings
 from imagegate.ledger import Ledger
 from imagegate.payments.base import FreeGate, PaymentGate
 from imagegate.payments.chain import ChainReader
-from imagegate.payments.facilitators import BuiltinFacilitator, Facilitator, HttpFacilitator, read_private_key
+from imagegate.payments.facilitators import BuiltinFacilitator, Facilitator, HttpFacilitator, read_private_keys
 from imagegate.payments.x402 import PaymentOption, X402Gate
 from imagegate.types import PaymentTerms
 
@@ -48,19 +48,19 @@ def _option(settings: PaymentOptionSettings, default_pay_to: str | None) -> Paym
     )
 
 
-def _check_mainnet(settings: Settings, options: list[PaymentOption], private_key: str | None) -> None:
+def _check_mainnet(settings: Settings, options: list[PaymentOption], private_keys: list[str]) -> None:
     """On Base mainnet real money moves: refuse configurations that would lose it."""
     if not any(o.network_v1 == "base" for o in options):
         return
     for option in options:
         if devchain.is_well_known_test_address(option.pay_to):
             raise PaymentConfigError(f"pay_to {option.pay_to} is a public test account: anyone can spend from it.")
-    if private_key is not None and devchain.is_well_known_test_key(private_key):
+    if any(devchain.is_well_known_test_key(key) for key in private_keys):
         raise PaymentConfigError("the facilitator key is a public test key; use your own gas key.")
     facilitator = settings.payments.facilitator
     explicit_pay_to = all(o.pay_to for o in settings.payments.options)
     configured = (facilitator.kind == "http" and facilitator.url) or (
-        facilitator.kind == "builtin" and facilitator.rpc_url and private_key
+        facilitator.kind == "builtin" and facilitator.rpc_url and private_keys
     )
     if not explicit_pay_to or not configured:
         raise PaymentConfigError(
@@ -75,8 +75,8 @@ def validate_payment_settings(settings: Settings) -> None:
     if not payments.enabled or payments.mode == "devchain":
         return
     options = [_option(o, None) for o in payments.options]
-    key = read_private_key(payments.facilitator.private_key_env, payments.facilitator.private_key_file)
-    _check_mainnet(settings, options, key)
+    keys = read_private_keys(payments.facilitator.private_key_env, payments.facilitator.private_key_file)
+    _check_mainnet(settings, options, keys)
 
 
 async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, PaymentTerms]:
@@ -87,7 +87,7 @@ async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, P
 
     chain_process: devchain.DevChain | None = None
     facilitator_settings = payments.facilitator
-    private_key = read_private_key(facilitator_settings.private_key_env, facilitator_settings.private_key_file)
+    private_keys = read_private_keys(facilitator_settings.private_key_env, facilitator_settings.private_key_file)
     rpc_url = facilitator_settings.rpc_url
     if payments.mode == "devchain":
         state_file = Path(settings.data_dir) / "devchain" / "anvil-state.json"
@@ -95,16 +95,17 @@ async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, P
         chain_process = devchain.DevChain(state_file=state_file)
         await chain_process.start()
         rpc_url = chain_process.rpc_url
-        private_key = private_key or devchain.FACILITATOR_ACCOUNT.private_key
+        private_keys = private_keys or [devchain.FACILITATOR_ACCOUNT.private_key]
         options = [_option(o, devchain.PAY_TO_ACCOUNT.address) for o in payments.options]
         if any(o.network_v1 != "base-sepolia" for o in options):
             raise PaymentConfigError("the embedded dev chain only poses as base-sepolia")
         rule = "!" * 100
-        log.warning("\n%s\n%s\nDev chain RPC %s (anvil pid %s)\n%s",
-                    rule, DEVCHAIN_BANNER, rpc_url, chain_process.pid, rule)
+        how = "reattached to the chain left running" if chain_process.reattached else "started"
+        log.warning("\n%s\n%s\nDev chain RPC %s (anvil pid %s, %s)\n%s",
+                    rule, DEVCHAIN_BANNER, rpc_url, chain_process.pid, how, rule)
     else:
         options = [_option(o, None) for o in payments.options]
-        _check_mainnet(settings, options, private_key)
+        _check_mainnet(settings, options, private_keys)
 
     facilitator: Facilitator
     if facilitator_settings.kind == "http":
@@ -113,10 +114,10 @@ async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, P
         facilitator = HttpFacilitator(facilitator_settings.url, headers=_resolve_headers(facilitator_settings.headers),
                                       timeout_s=facilitator_settings.timeout_s)
     else:
-        if not rpc_url or not private_key:
+        if not rpc_url or not private_keys:
             raise PaymentConfigError("the builtin facilitator needs rpc_url and a gas key "
                                      f"(${facilitator_settings.private_key_env} or private_key_file)")
-        facilitator = BuiltinFacilitator(private_key, rpc_url, sorted({o.network_v2 for o in options}),
+        facilitator = BuiltinFacilitator(private_keys, rpc_url, sorted({o.network_v2 for o in options}),
                                          confirmation_timeout_s=facilitator_settings.confirmation_timeout_s)
     reconcile_rpc = payments.reconcile_rpc_url or rpc_url
     gate = X402Gate(
@@ -124,7 +125,7 @@ async def build_gate(settings: Settings, ledger: Ledger) -> tuple[PaymentGate, P
         facilitator,
         ledger,
         max_timeout_seconds=payments.max_timeout_seconds,
-        chain=ChainReader(reconcile_rpc) if reconcile_rpc else None,
+        chain=ChainReader(reconcile_rpc, log_range=payments.reconcile_log_range) if reconcile_rpc else None,
         in_flight_wait_s=payments.in_flight_wait_s,
         facts={"testChain": chain_process is not None, **({"notice": DEVCHAIN_BANNER} if chain_process else {})},
         on_close=chain_process.stop if chain_process else None,

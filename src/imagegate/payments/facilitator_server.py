@@ -79,6 +79,9 @@ def create_facilitator_app(facilitator: BuiltinFacilitator, *, bearer_token: str
             return parsed_body
         try:
             outcome = await facilitator.settle(*parsed_body)
+        except FacilitatorUnreachable as exc:
+            # Nothing was broadcast (the chain could not be reached first).
+            return JSONResponse({"error": "chain_unreachable", "message": str(exc)}, status_code=503)
         except SettlementOutcomeUnknown as exc:
             # 504: the caller must treat the transfer as possibly done and reconcile, never retry blindly.
             return JSONResponse({"error": "settlement_outcome_unknown", "message": str(exc)}, status_code=504)
