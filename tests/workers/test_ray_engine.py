@@ -156,6 +156,23 @@ async def test_jobs_of_several_clients_share_one_pipeline_call_and_stream_every_
     assert "imagegate-tiny" in engine.loaded_models()
 
 
+async def test_every_replica_reports_while_one_of_them_renders(workers: Workers, engine: RayEngine) -> None:
+    # Serve sends a call to the replica with the fewest ongoing requests, and the engine's router knows
+    # which replica holds its renders: asked one call after another, only the idle replica would answer.
+    spec = workers.catalog["sim-slow"]
+    renders = [asyncio.create_task(engine.render(slow_job(workers.catalog, seed), engine.admit(spec), timeout_s=120))
+               for seed in (5, 6, 7)]
+
+    async def both_answer_one_renders() -> list[ReplicaStats] | None:
+        stats = await engine.replica_stats()
+        busy = [replica for replica in stats if any(active.state == "rendering" for active in replica.active)]
+        return stats if len(stats) == 2 and busy else None
+
+    stats = await eventually(both_answer_one_renders, 30, "both replicas report while jobs render")
+    assert len({replica.pid for replica in stats}) == 2
+    assert [[image.seed for image in result.images] for result in await asyncio.gather(*renders)] == [[5], [6], [7]]
+
+
 async def test_a_timed_out_job_is_cancelled_on_its_replica(workers: Workers, engine: RayEngine) -> None:
     spec = workers.catalog["sim-slow"]
     assert (await engine.availability(spec)).available

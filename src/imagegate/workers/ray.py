@@ -229,14 +229,23 @@ def app_handle(app_name: str) -> DeploymentHandle[Any]:
 
 async def replica_stats(handle: DeploymentHandle[Any], replicas: int, *,
                         attempts_per_replica: int = 20) -> list[ReplicaStats]:
-    """Every running replica's ``stats``. Serve routes each call to some replica, so this asks until
-    it has heard from ``replicas`` distinct ones (or gives up after a bounded number of calls)."""
+    """Every running replica's ``stats``, asked until ``replicas`` distinct ones have answered (or a
+    bounded number of calls is spent).
+
+    Serve routes a call to the candidate with the fewest ongoing requests, so calls made one after
+    another all reach an idle replica while a busy one renders. Each round therefore sends several
+    calls at once, twice as many as the round before: the router counts the calls it has sent, so
+    once the idle replicas hold as many as the busy ones the rest spread over all of them."""
     seen: dict[str, ReplicaStats] = {}
-    for _ in range(max(1, replicas) * attempts_per_replica):
-        if len(seen) >= replicas:
-            break
-        stats: ReplicaStats = await handle.stats.remote()
-        seen[stats.replica] = stats
+    budget = max(1, replicas) * attempts_per_replica
+    round_size = 2 * max(1, replicas)
+    while budget > 0 and len(seen) < replicas:
+        calls = min(round_size, budget)
+        budget -= calls
+        answers: list[ReplicaStats] = await asyncio.gather(*(handle.stats.remote() for _ in range(calls)))
+        for stats in answers:
+            seen[stats.replica] = stats
+        round_size *= 2
     return list(seen.values())
 
 
