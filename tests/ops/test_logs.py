@@ -7,8 +7,10 @@ the payer's signatures, the raw payment headers, the facilitator's and the payer
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import httpx
@@ -39,19 +41,24 @@ async def signature_of(served: Served, generation_id: str) -> str:
 
 
 def json_lines(served: Served) -> list[dict[str, Any]]:
-    """Every line of the server's log as JSON (a line that is not JSON fails the test)."""
-    events = []
-    for line in served.log_text().splitlines():
-        if line.strip():
-            events.append(json.loads(line))
-    return events
+    """Every whole line of the server's log as JSON (a line that is not JSON fails the test); a last
+    line the server is still writing is left for the next read."""
+    whole, _, _ = served.log_text().rpartition("\n")
+    return [json.loads(line) for line in whole.splitlines() if line.strip()]
 
 
-def access_event(served: Served, request_id: str, status: int = 200) -> dict[str, Any]:
+async def access_event(served: Served, request_id: str, status: int = 200, timeout_s: float = 10) -> dict[str, Any]:
     """The access line of the request's answer with ``status`` (a paying client sends its request
-    twice, both times with its id: first unpaid, then with the payment)."""
-    (event,) = [e for e in json_lines(served) if e.get("logger") == "imagegate.access"
-                and e.get("request_id") == request_id and e["status"] == status]
+    twice, both times with its id: first unpaid, then with the payment). The server writes it once
+    the response is sent, so it may land a moment after the client has read the answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = [e for e in json_lines(served) if e.get("logger") == "imagegate.access"
+                  and e.get("request_id") == request_id and e["status"] == status]
+        if events or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    (event,) = events
     return event
 
 
@@ -79,15 +86,15 @@ async def test_paid_requests_leave_structured_lines_and_no_secret(paid_server: S
 
     # Each request's access line carries what the flow learned.
     for request_id, body in (("ops-log-v2", paid.body), ("ops-log-v1", response.json())):
-        event = access_event(paid_server, request_id)
+        event = await access_event(paid_server, request_id)
         assert event["level"] == "INFO" and event["time"] and event["message"].startswith("POST /v1/images/generate")
         assert (event["route"], event["status"], event["method"]) == ("/v1/images/generate", 200, "POST")
         assert event["model"] == "imagegate-tiny" and event["generation_id"] == body["id"]
         assert event["payer"] == PAYER.address and event["price"] == event["charged"] == amount
         assert event["transaction"] == body["cost"]["transaction"] and event["client"] == ip
         assert set(event["step_ms"]) == STEPS and event["duration_ms"] > 0
-    assert access_event(paid_server, "ops-log-v1")["transaction"] == transaction
-    assert access_event(paid_server, "ops-log-v1")["x402_version"] == 1
+    assert (await access_event(paid_server, "ops-log-v1"))["transaction"] == transaction
+    assert (await access_event(paid_server, "ops-log-v1"))["x402_version"] == 1
     # Lines logged inside a request (here: the flow's debug lines) carry its id.
     inside = [e for e in json_lines(paid_server) if e.get("request_id") == "ops-log-v1" and e["logger"] !=
               "imagegate.access"]

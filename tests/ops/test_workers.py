@@ -77,6 +77,8 @@ async def test_text_logs_name_the_request(workers_server: tuple[Served, Path]) -
     async with httpx.AsyncClient(base_url=served.base_url, timeout=120, trust_env=False) as http:
         response = await http.get("/healthz", headers={"X-Request-ID": "text-log-line"})
     assert response.headers["x-request-id"] == "text-log-line"
+    # The access line is written once the response is sent: it may land a moment after the answer.
+    await asyncio.to_thread(wait_for_log, served, "[text-log-line]", 1, 10)
     lines = [line for line in served.log_text().splitlines() if "[text-log-line]" in line]
     assert len(lines) == 1, served.log_text()[-3000:]
     assert "INFO imagegate.access [text-log-line]: GET /healthz 200" in lines[0]
