@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,13 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.server import free_port, wait_answering
 
 
 def machine() -> str:
@@ -45,19 +38,13 @@ def server(factory: str, env: dict[str, str], *, timeout_s: float = 180) -> Iter
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
+
+    def stderr() -> str:
+        # Only once it has exited: reading a live process's pipe would wait for its end.
+        return process.stderr.read().decode() if process.stderr and process.poll() is not None else ""
+
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server {factory} died: {process.stderr.read().decode() if process.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server {factory} did not start")
-            time.sleep(0.1)
+        wait_answering(f"{url}/healthz", process, timeout_s=timeout_s, exited=stderr)
         yield url
     finally:
         process.terminate()

@@ -48,8 +48,9 @@ from typing import Any
 
 import httpx
 from eth_account import Account
+from tests.support.server import free_port
 
-from bench._load import free_port, machine, percentile
+from bench._load import machine, percentile
 from imagegate import devchain
 
 SIMULATED = {"prompt": "a red circle", "model": "bench-simulated", "width": 128, "height": 128, "steps": 1}

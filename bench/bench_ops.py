@@ -32,8 +32,9 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from tests.support.server import free_port
 
-from bench._load import free_port, machine
+from bench._load import machine
 from imagegate import devchain, logs
 from imagegate.app import app_from_settings
 from imagegate.config import load_settings

@@ -526,12 +526,7 @@ class DevChain:
             return False
         self._attached = record
         self.reattached = True
-        try:
-            await self._install_token()
-            await self._fund_payer()
-        except BaseException:
-            await self.stop()
-            raise
+        await self._provision()
         return True
 
     async def _start_new(self) -> None:
@@ -547,6 +542,10 @@ class DevChain:
                 await self.stop()
                 if attempt == attempts - 1:
                     raise
+        await self._provision()
+
+    async def _provision(self) -> None:
+        """The token and the payer's funds on the chain just started or attached; stopped if that fails."""
         try:
             await self._install_token()
             await self._fund_payer()

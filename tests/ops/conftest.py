@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imagegate import devchain
 from tests.integration.conftest import network_payments
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_answering
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGEGATE = [sys.executable, "-m", "imagegate"]
@@ -130,17 +130,8 @@ def wait_for_log(served: Served, text: str, count: int, timeout_s: float = 180.0
 
 
 def _wait_ready(served: Served, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if served.process.poll() is not None:
-            raise RuntimeError(f"imagegate serve exited with {served.process.returncode}:\n{served.log_text()}")
-        try:
-            if httpx.get(f"{served.base_url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"imagegate serve did not answer within {timeout_s} s:\n{served.log_text()}")
+    wait_answering(f"{served.base_url}/healthz", served.process, timeout_s=timeout_s, exited=served.log_text,
+                   interval_s=0.2)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -12,17 +12,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_answering
 
 if TYPE_CHECKING:
     from imagegate.storage_s3 import S3ImageStore
@@ -49,18 +47,8 @@ class MotoS3Server:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "1"},
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.endpoint_url}/moto-api/data.json", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"moto_server did not answer in {timeout_s} s: {self.log_tail()}")
-            time.sleep(0.1)
+        wait_answering(f"{self.endpoint_url}/moto-api/data.json", self.process, timeout_s=timeout_s,
+                       exited=self.log_tail)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -44,6 +44,28 @@ def live_server(app: Any, *, startup_timeout: float = 60.0) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def wait_answering(url: str, process: subprocess.Popen[bytes], *, timeout_s: float,
+                   exited: Callable[[], str] | None = None, interval_s: float = 0.1) -> None:
+    """Block until ``url`` answers 200 from the server ``process``; fail as soon as the process exits
+    (with ``exited()``, e.g. its log, in the message) or after ``timeout_s``. For synchronous fixtures
+    and benchmarks; ``wait_healthy`` is the async form."""
+    def log() -> str:
+        return f":\n{exited()}" if exited is not None else ""
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server behind {url} exited ({process.returncode}){log()}")
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer in {timeout_s:.0f} s{log()}")
+        time.sleep(interval_s)
+
+
 async def wait_healthy(url: str, process: subprocess.Popen[bytes], *, timeout_s: float = 180,
                        exited: Callable[[], str] | None = None) -> float:
     """Seconds until ``url``/healthz answers 200 from the ``imagegate serve`` ``process``; fails as soon as
